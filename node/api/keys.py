@@ -1,0 +1,22 @@
+"""Typed keys for everything the app and its requests carry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from node.config import Settings
+
+if TYPE_CHECKING:
+    from node.api.metrics import Metrics
+    from node.engine import AsyncEngine
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey["AsyncEngine"]("engine")
+METRICS = web.AppKey["Metrics"]("metrics")
+OPENAPI = web.AppKey("openapi", dict)
+
+# Set by a streaming handler once its headers are sent, so that the error middleware reports a
+# late failure inside the event stream instead of as a (no longer possible) error status.
+STREAM_RESPONSE = web.RequestKey("stream_response", web.StreamResponse)

@@ -1,0 +1,78 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from node.api.errors import Handler
+from node.api.keys import METRICS
+
+# Seconds. Whole requests run from milliseconds (a short answer) to minutes (a long stream).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Status recorded when the client disconnected before the response was complete (nginx's 499).
+CLIENT_CLOSED = "499"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("openlora_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.request_latency = Histogram(
+            "openlora_request_duration_seconds", "Request latency, to the end of the response",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "openlora_time_to_first_token_seconds", "Request arrival to the first generated token",
+            ["endpoint"], buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("openlora_prompt_tokens", "Prompt tokens processed", ["endpoint"], registry=r)
+        self.completion_tokens = Counter(
+            "openlora_completion_tokens", "Completion tokens generated", ["endpoint"], registry=r
+        )
+        self.running = Gauge("openlora_requests_running", "Sequences in the engine's running batch", registry=r)
+        self.waiting = Gauge("openlora_requests_waiting", "Sequences queued for admission", registry=r)
+        self.kv_blocks_used = Gauge("openlora_kv_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("openlora_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+
+    def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
+        self.completion_tokens.labels(endpoint).inc(completion_tokens)
+
+    def render(self, engine_stats: Mapping[str, int]) -> bytes:
+        """The exposition text, with the engine gauges sampled now."""
+        self.running.set(engine_stats["running"])
+        self.waiting.set(engine_stats["waiting"])
+        self.kv_blocks_used.set(engine_stats["kv_blocks_used"])
+        self.kv_blocks_total.set(engine_stats["kv_blocks_total"])
+        return generate_latest(self.registry)
+
+
+def endpoint_label(request: web.Request) -> str:
+    """The route's path template; one label for every unrouted path, so scanners can't explode cardinality."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    endpoint = endpoint_label(request)
+    start = time.perf_counter()
+    status = CLIENT_CLOSED  # unless a response or an HTTP exception says otherwise
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    except web.HTTPException as exc:  # below 400: the error middleware lets these through
+        status = str(exc.status)
+        raise
+    finally:
+        metrics.requests.labels(endpoint, status).inc()
+        metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)

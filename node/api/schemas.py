@@ -1,0 +1,171 @@
+"""OpenAI wire schemas (pydantic v2): the request bodies we accept and the bodies we send.
+
+Requests are strict about the types of the fields we know (a string where a number belongs is a
+400) and ignore fields we do not know: OpenAI clients send extras (`user`, `logit_bias`, ...).
+Optional fields accept `null`, as OpenAI's API does. The OpenAPI document is generated from these.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = Field(
+        None, description="Send one last chunk with `usage` and empty `choices` before `data: [DONE]`."
+    )
+
+
+class _GenerationRequest(_Request):
+    model: str = Field(description="A name from GET /v1/models.")
+    n: Literal[1] | None = Field(None, description="Number of choices; only 1 is supported.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; default: the node's default, capped by the context."
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy. Default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
+    top_k: int | None = Field(None, ge=0, description="Extension: sample among the k likeliest tokens; 0 = off.")
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Same seed, prompt and parameters give the same output."
+    )
+    stop: str | list[str] | None = Field(None, description="Stop before any of these strings (not included).")
+    stream: bool | None = Field(None, description="Stream increments as server-sent events.")
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = Field(None, description="Extension: keep generating past end-of-sequence.")
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over `max_tokens` when both are set.")
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="Text or token ids. A list of prompts must hold exactly one."
+    )
+
+
+def _field_names(*models: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for model in models for name in model.model_fields)
+
+
+REQUEST_FIELD_NAMES = _field_names(
+    ChatCompletionRequest, CompletionRequest, ChatMessage, TextContentPart, StreamOptions
+)
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReasonName
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReasonName | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReasonName | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A completion, or (with `usage` null until the usage chunk) one `data:` event of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "openlora"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    running: int
+    waiting: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

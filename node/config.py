@@ -1,0 +1,39 @@
+"""Node settings: the one place that reads the environment (env vars prefixed OPENLORA_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "openlora"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPENLORA_", extra="ignore")
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit")
+
+    # Model
+    model: str | None = Field(
+        None, description="HF model directory (Llama family); default: the bundled SmolLM2-135M-Instruct"
+    )
+    served_model_name: str | None = Field(None, description="name in /v1/models; default: model dir name")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    device: str = "cpu"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+
+    # Engine
+    max_num_seqs: int = Field(32, ge=1, description="max sequences in the running batch")
+    kv_block_size: int = Field(16, ge=1)
+    num_kv_blocks: int = Field(2048, ge=1, description="KV-cache blocks (each holds kv_block_size tokens)")
+    max_model_len: int | None = Field(None, ge=1, description="context limit; default: the model's")
+    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per engine step")
+    default_max_tokens: int = Field(256, ge=1)

@@ -1,0 +1,119 @@
+"""The asyncio face of the engine: `await`-able generation over the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from node.config import Settings
+from node.engine.errors import EngineStoppedError, PromptTooLongError, UnknownModelError
+from node.engine.model import LlamaModel
+from node.engine.prepare import prepare_model
+from node.engine.runner import EngineRunner, set_threads
+from node.engine.types import GenerationOutput, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AsyncEngine:
+    def __init__(self, runner: EngineRunner, model_name: str, max_model_len: int) -> None:
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def load(cls, settings: Settings, *, progress: bool = False) -> AsyncEngine:
+        """Blocking: prepares (if needed) and loads the model. Run it in an executor."""
+        set_threads(settings.threads)
+        path = prepare_model(settings, progress=progress)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = LlamaModel.from_pretrained(path, dtype=_DTYPES[settings.dtype], device=settings.device)
+        eos = set(model.cfg.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        max_len = min(settings.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+        runner = EngineRunner(
+            model,
+            tokenizer,
+            num_kv_blocks=settings.num_kv_blocks,
+            kv_block_size=settings.kv_block_size,
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            eos_token_ids=eos,
+        )
+        return cls(runner, settings.served_model_name or _model_name(path), max_len)
+
+    async def start(self) -> None:
+        self.runner.start()
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
+
+    def list_models(self) -> list[str]:
+        return [self.model_name]
+
+    def stats(self) -> dict[str, int]:
+        s = self.runner.stats()
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+        }
+
+    def check(self, request: GenerationRequest) -> None:
+        """Reject what can never run, before it is queued."""
+        if request.adapter is not None and request.adapter != self.model_name:
+            raise UnknownModelError(request.adapter)
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise PromptTooLongError("the prompt is empty")
+        total = n_prompt + request.sampling.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
+                f"({n_prompt} in the prompt, {request.sampling.max_tokens} for the completion)"
+            )
+        kv = self.runner.kv
+        if kv.blocks_needed(total) > kv.allocator.num_blocks:
+            raise PromptTooLongError(
+                f"{total} tokens do not fit this node's KV cache "
+                f"({kv.allocator.num_blocks * kv.block_size} tokens)"
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream a request's outputs. Leaving early (break, cancel, aclose) aborts it."""
+        self.check(request)
+        if not self.runner.alive:
+            raise EngineStoppedError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        self.runner.submit(request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out.finished:
+                    finished = True
+                    if self.runner.error is not None:
+                        raise EngineStoppedError("the engine stopped while serving this request")
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.runner.abort(request.request_id)
+
+
+def _model_name(path: Path) -> str:
+    from node.engine.prepare import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.name

@@ -1,0 +1,215 @@
+"""The engine loop: one thread that owns the model, the KV cache and the scheduler.
+
+Other threads only talk to it through `submit` and `abort` (a locked inbox) and receive
+`GenerationOutput`s through the callback each request was submitted with. torch releases the GIL
+inside its kernels, so the asyncio loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from node.engine.batch import build_batch
+from node.engine.detokenizer import IncrementalDetokenizer
+from node.engine.kv_cache import KVCache
+from node.engine.model import LlamaModel
+from node.engine.sampling import make_generator, sample
+from node.engine.scheduler import Scheduler, Sequence
+from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[GenerationOutput], None]
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int
+    generated_tokens: int
+
+
+class EngineRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer,
+        *,
+        num_kv_blocks: int,
+        kv_block_size: int,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        eos_token_ids: set[int],
+    ) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.kv = KVCache(
+            cfg.num_layers, num_kv_blocks, kv_block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device
+        )
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_prefill_tokens, is_ready=self._is_ready)
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._inbox: list[tuple[Sequence, OutputCallback]] = []
+        self._aborts: set[str] = set()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.generated_tokens = 0
+        self.error: BaseException | None = None
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="openlora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: GenerationRequest, callback: OutputCallback) -> None:
+        seq = Sequence(
+            request=request,
+            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            generator=make_generator(request.sampling),
+            tokens=list(request.prompt_token_ids),
+            num_prompt=len(request.prompt_token_ids),
+        )
+        with self._cond:
+            self._inbox.append((seq, callback))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Something the scheduler waits for changed (e.g. an adapter became ready)."""
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        alloc = self.kv.allocator
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=alloc.num_used,
+            kv_blocks_total=alloc.num_blocks,
+            steps=self.steps,
+            generated_tokens=self.generated_tokens,
+        )
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _is_ready(self, seq: Sequence) -> bool:
+        return True
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._inbox and not self._aborts and not self.scheduler.has_work():
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, set()
+                for seq, callback in inbox:
+                    self._callbacks[seq.request_id] = callback
+                    self._seqs[seq.request_id] = seq
+                    self.scheduler.add(seq)
+                for request_id in aborts:
+                    seq = self._seqs.get(request_id)
+                    if seq is not None:
+                        self._finish(seq, FinishReason.ABORT, "")
+                if not self.step():
+                    with self._cond:  # nothing runnable (e.g. adapters loading): wait for a change
+                        if not self._inbox and not self._aborts and not self._stop:
+                            self._cond.wait(timeout=0.05)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting request
+            log.exception("engine thread died")
+            self.error = exc
+            for seq in list(self._seqs.values()):
+                self._finish(seq, FinishReason.ABORT, "")
+
+    def step(self) -> bool:
+        """Run one batch; False if nothing was runnable."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return False
+        batch = build_batch(
+            [w for _, w in scheduled.decodes], [w for _, w in scheduled.prefills], self.kv.block_size, self.model.device
+        )
+        self.before_forward(batch)
+        logits = self.model.forward(batch, self.kv.k, self.kv.v)
+        for seq, work in scheduled.decodes + scheduled.prefills:
+            seq.num_cached = work.end
+        sampling_seqs = scheduled.sampling_seqs()
+        new_tokens = sample(
+            logits.cpu(), [s.request.sampling for s in sampling_seqs], [s.generator for s in sampling_seqs]
+        )
+        self.steps += 1
+        for seq, token in zip(sampling_seqs, new_tokens):
+            self._append(seq, token)
+        return True
+
+    def before_forward(self, batch) -> None:
+        """Hook for per-step work that depends on the batch (the LoRA metadata)."""
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        sp = seq.request.sampling
+        seq.tokens.append(token)
+        self.generated_tokens += 1
+        is_eos = token in self.eos_token_ids and not sp.ignore_eos
+        text, hit_stop = seq.detok.push([] if is_eos else [token])
+        if is_eos or hit_stop:
+            self._finish(seq, FinishReason.STOP, text, [token])
+        elif seq.num_generated >= sp.max_tokens:
+            self._finish(seq, FinishReason.LENGTH, text + seq.detok.flush(), [token])
+        else:
+            self._emit(seq, [token], text, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str, tokens: list[int] | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self._emit(seq, tokens or [], text, reason)
+        self._callbacks.pop(seq.request_id, None)
+        self._seqs.pop(seq.request_id, None)
+
+    def _emit(self, seq: Sequence, tokens: list[int], text: str, reason: FinishReason | None) -> None:
+        callback = self._callbacks.get(seq.request_id)
+        if callback is None:
+            return
+        callback(
+            GenerationOutput(
+                request_id=seq.request_id,
+                token_ids=tokens,
+                text=text,
+                prompt_tokens=seq.num_prompt,
+                completion_tokens=seq.num_generated,
+                finish_reason=reason,
+            )
+        )
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -1,0 +1,45 @@
+"""Next-token selection: greedy, temperature, top-k, top-p, per-request seeded generators."""
+
+from __future__ import annotations
+
+import torch
+
+from node.engine.types import SamplingParams
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A per-request generator: a seeded request draws the same tokens whatever it is batched with."""
+    if params.temperature == 0:
+        return None
+    g = torch.Generator()
+    if params.seed is not None:
+        g.manual_seed(params.seed)
+    else:
+        g.seed()
+    return g
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row. logits: [S, vocab] float32 (CPU)."""
+    out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows overwrite below
+    for row, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature == 0:
+            continue
+        out[row] = _sample_row(logits[row], p, g)
+    return out
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
+    x = logits / p.temperature
+    if p.top_k > 0 and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already cover top_p (the first one always stays)
+        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= p.top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.empty_like(x).scatter_(0, order, sorted_x)
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=g).item())

@@ -1,0 +1,154 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step holds one decode token of each running sequence plus prefill chunks of newly admitted
+ones (a long prompt is prefilled over several steps, `max_prefill_tokens` at a time, so decodes keep
+flowing). Admission is first come, first served, bounded by `max_num_seqs` and free KV blocks.
+When a decode cannot get a new block, the most recently admitted sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from node.engine.batch import SeqWork
+from node.engine.detokenizer import IncrementalDetokenizer
+from node.engine.kv_cache import KVCache
+from node.engine.types import FinishReason, GenerationRequest
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    num_prompt: int = 0
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    lora_slot: int = -1
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+
+@dataclass
+class ScheduledStep:
+    decodes: list[tuple[Sequence, SeqWork]]
+    prefills: list[tuple[Sequence, SeqWork]]
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    def sampling_seqs(self) -> list[Sequence]:
+        """Sequences that sample a token this step, in the order of the batch's logit rows."""
+        return [s for s, _ in self.decodes] + [s for s, w in self.prefills if w.needs_logits]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCache,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        is_ready: Callable[[Sequence], bool] = lambda seq: True,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.is_ready = is_ready  # e.g. the sequence's adapter is loaded into a slot
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.kv.release(seq.block_table)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.release(seq.block_table)
+        seq.num_cached = 0
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(decodes=[], prefills=[])
+        budget = self.max_prefill_tokens
+        # 1. running sequences: a decode token each, or the next chunk of an unfinished prefill
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below by a sequence earlier in this loop
+            pending = len(seq.tokens) - seq.num_cached
+            if pending == 1:
+                while not self.kv.grow(seq.block_table, len(seq.tokens)):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is SeqStatus.RUNNING:
+                    step.decodes.append((seq, self._work(seq, len(seq.tokens))))
+            elif budget > 0:
+                n = min(pending, budget)
+                budget -= n
+                step.prefills.append((seq, self._work(seq, seq.num_cached + n)))
+        # drop work of sequences preempted after they were scheduled
+        step.decodes = [(s, w) for s, w in step.decodes if s.status is SeqStatus.RUNNING]
+        step.prefills = [(s, w) for s, w in step.prefills if s.status is SeqStatus.RUNNING]
+        # 2. admit waiting sequences while slots, blocks and prefill budget last
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            if not self.is_ready(seq):
+                skipped.append(seq)  # its adapter is loading: it must not block the others
+                continue
+            # all blocks for the current tokens up front, so its prefill can always finish
+            if not self.kv.grow(seq.block_table, len(seq.tokens)):
+                self.waiting.appendleft(seq)
+                break
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(len(seq.tokens), budget)
+            budget -= n
+            step.prefills.append((seq, self._work(seq, n)))
+        self.waiting.extendleft(reversed(skipped))
+        return step
+
+    def _work(self, seq: Sequence, end: int) -> SeqWork:
+        return SeqWork(
+            tokens=seq.tokens,
+            start=seq.num_cached,
+            end=end,
+            block_table=seq.block_table,
+            needs_logits=end == len(seq.tokens),
+            lora_slot=seq.lora_slot,
+        )

@@ -1,0 +1,53 @@
+"""The engine's public interface: what a request asks for and what comes back.
+
+Everything above `node/engine` (the API, the CLI, benchmarks) talks to the engine through these
+types and `AsyncEngine.generate`; nothing above it touches torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    ABORT = "abort"  # cancelled (client went away)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. temperature == 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None  # same seed, same prompt, same params -> same output
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # None = base model only
+
+
+@dataclass
+class GenerationOutput:
+    """One streamed increment of a request; the last one has `finish_reason` set."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens in this increment
+    text: str  # new detokenized text in this increment (stop strings already cut)
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
