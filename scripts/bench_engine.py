@@ -1,0 +1,145 @@
+"""Our continuous-batching engine against transformers' batched `generate`, same workload, one process.
+
+Workload (fixed seed): N requests with prompt lengths 16-256 and output lengths 8-128 tokens, greedy,
+EOS ignored so every request produces exactly its length. Ours gets all requests at once with
+max_num_seqs = N; transformers gets them as one left-padded batch of N and, being a static batch,
+runs until the longest output is done (min_new_tokens forces the same lengths; only each request's
+own tokens count as useful). Runs are interleaved and repeated; the table shows medians.
+
+    .venv/bin/python scripts/bench_engine.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from node.config import Settings
+from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine.prepare import prepare_model
+
+
+def workload(n: int, max_prompt: int, max_out: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(n):
+        plen = int(torch.randint(16, max_prompt + 1, (1,), generator=g))
+        olen = int(torch.randint(8, max_out + 1, (1,), generator=g))
+        reqs.append((torch.randint(100, 40000, (plen,), generator=g).tolist(), olen))
+    return reqs
+
+
+def p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, round(0.95 * len(xs)) - 1)]
+
+
+async def run_ours(engine: AsyncEngine, reqs) -> dict:
+    t0 = time.perf_counter()
+
+    async def one(i: int, ids: list[int], olen: int):
+        first = None
+        n = 0
+        req = GenerationRequest(f"b{i}", ids, SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True))
+        async for out in engine.generate(req):
+            if first is None and out.token_ids:
+                first = time.perf_counter() - t0
+            n = out.completion_tokens
+        return n, first, time.perf_counter() - t0
+
+    res = await asyncio.gather(*(one(i, ids, o) for i, (ids, o) in enumerate(reqs)))
+    wall = time.perf_counter() - t0
+    assert [r[0] for r in res] == [o for _, o in reqs]
+    return {
+        "tok_s": sum(r[0] for r in res) / wall,
+        "lat_mean": statistics.mean(r[2] for r in res),
+        "lat_p95": p95([r[2] for r in res]),
+        "ttft": statistics.mean(r[1] for r in res),
+    }
+
+
+class _FirstStep(LogitsProcessor):
+    """Records when generate produces its first token (after the batched prefill)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def run_hf(model, reqs, pad_id: int) -> dict:
+    maxp = max(len(ids) for ids, _ in reqs)
+    maxo = max(o for _, o in reqs)
+    input_ids = torch.full((len(reqs), maxp), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, (ids, _) in enumerate(reqs):  # left padding
+        input_ids[i, maxp - len(ids) :] = torch.tensor(ids)
+        mask[i, maxp - len(ids) :] = 1
+    first = _FirstStep()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=maxo,
+            min_new_tokens=maxo,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([first]),
+        )
+    wall = time.perf_counter() - t0
+    assert out.shape[1] == maxp + maxo
+    useful = sum(o for _, o in reqs)
+    return {"tok_s": useful / wall, "lat_mean": wall, "lat_p95": wall, "ttft": first.at - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller workload, under 2 minutes")
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    n, max_prompt, max_out = (12, 128, 48) if args.quick else (32, 256, 128)
+    repeats = args.repeats or (2 if args.quick else 3)
+    reqs = workload(n, max_prompt, max_out)
+
+    settings = Settings(max_num_seqs=n)
+    path = prepare_model(settings)
+    engine = AsyncEngine.load(settings)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+
+    async def bench():
+        await engine.start()
+        try:
+            await run_ours(engine, reqs[:4])  # warm-up
+            run_hf(hf, reqs[:4], pad)
+            ours, theirs = [], []
+            for _ in range(repeats):  # interleaved: machine noise hits both alike
+                ours.append(await run_ours(engine, reqs))
+                theirs.append(run_hf(hf, reqs, pad))
+            return ours, theirs
+        finally:
+            await engine.stop()
+
+    ours, theirs = asyncio.run(bench())
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in (("ours", ours), ("hf", theirs))}
+    print(f"\nworkload: {n} requests, prompts 16-{max_prompt}, outputs 8-{max_out} tokens, greedy, "
+          f"batch {n}, {torch.get_num_threads()} threads, median of {repeats}")
+    print(f"{'system':<34}{'tokens/s':>10}{'mean lat s':>12}{'p95 lat s':>11}{'TTFT s':>9}")
+    for label, key in (("openlora engine (continuous)", "ours"), ("transformers generate (static)", "hf")):
+        m = med[key]
+        print(f"{label:<34}{m['tok_s']:>10.1f}{m['lat_mean']:>12.2f}{m['lat_p95']:>11.2f}{m['ttft']:>9.2f}")
+    ratio = med["ours"]["tok_s"] / med["hf"]["tok_s"]
+    print(f"{'ratio ours/transformers':<34}{ratio:>10.2f}")
+    print(f"RESULT engine_vs_hf_generate={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
