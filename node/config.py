@@ -37,3 +37,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1, description="context limit; default: the model's")
     max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per engine step")
     default_max_tokens: int = Field(256, ge=1)
+
+    # LoRA adapters
+    adapters_dir: Path | None = Field(None, description="directory of PEFT adapters, one sub-directory each")
+    max_loras: int = Field(8, ge=1, description="adapter slots on the compute device")
+    max_lora_rank: int = Field(16, ge=1, le=256)
+    host_adapters: int = Field(64, ge=1, description="adapters kept validated in host memory (LRU)")

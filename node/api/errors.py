@@ -109,8 +109,8 @@ def from_validation_error(exc: ValidationError, field_names: frozenset[str]) -> 
     kind = err["type"]
     if kind == "missing":
         code, what = "missing_required_parameter", "Missing required parameter"
-    elif kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum", "union_tag_invalid"):
-        code, what = "invalid_type", "Invalid type or value for"
+    elif kind.endswith(("_type", "_parsing")):
+        code, what = "invalid_type", "Invalid type for"
     else:
         code, what = "invalid_value", "Invalid value for"
     if param is None:

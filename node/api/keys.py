@@ -16,6 +16,7 @@ SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey["AsyncEngine"]("engine")
 METRICS = web.AppKey["Metrics"]("metrics")
 OPENAPI = web.AppKey("openapi", dict)
+STARTED_AT = web.AppKey("started_at", int)  # unix time the engine came up: `created` of the models
 
 # Set by a streaming handler once its headers are sent, so that the error middleware reports a
 # late failure inside the event stream instead of as a (no longer possible) error status.

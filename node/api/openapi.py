@@ -77,7 +77,9 @@ def build_openapi() -> dict[str, Any]:
             "/v1/completions": _generation(
                 schemas.CompletionRequest, schemas.Completion, schemas.Completion, "Text completion"
             ),
-            "/v1/models": {"get": {"summary": "Served models", "responses": {"200": _json(schemas.ModelList, "Models")}}},
+            "/v1/models": {
+                "get": {"summary": "Served models", "responses": {"200": _json(schemas.ModelList, "Models")}}
+            },
             "/v1/models/{model}": {
                 "get": {
                     "summary": "One served model",
@@ -101,7 +103,10 @@ def build_openapi() -> dict[str, Any]:
                 "get": {
                     "summary": "This document",
                     "responses": {
-                        "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
                     },
                 }
             },

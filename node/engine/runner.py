@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from node.engine.batch import build_batch
+from node.adapters.peft_format import LoraAdapter
+from node.engine.batch import StepBatch, build_batch
 from node.engine.detokenizer import IncrementalDetokenizer
 from node.engine.kv_cache import KVCache
+from node.engine.lora import LoraSlotPool
 from node.engine.model import LlamaModel
 from node.engine.sampling import make_generator, sample
 from node.engine.scheduler import Scheduler, Sequence
@@ -48,6 +50,7 @@ class EngineRunner:
         max_num_seqs: int,
         max_prefill_tokens: int,
         eos_token_ids: set[int],
+        lora_pool: LoraSlotPool | None = None,
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -56,7 +59,11 @@ class EngineRunner:
         self.kv = KVCache(
             cfg.num_layers, num_kv_blocks, kv_block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device
         )
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_prefill_tokens, is_ready=self._is_ready)
+        self.lora_pool = lora_pool
+        model.lora = lora_pool
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs, max_prefill_tokens, acquire=self._acquire_slot, release=self._release_slot
+        )
         self._callbacks: dict[str, OutputCallback] = {}
         self._seqs: dict[str, Sequence] = {}
         self._inbox: list[tuple[Sequence, OutputCallback]] = []
@@ -85,8 +92,12 @@ class EngineRunner:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, request: GenerationRequest, callback: OutputCallback) -> None:
+    def submit(self, request: GenerationRequest, callback: OutputCallback, lora: LoraAdapter | None = None) -> None:
+        """Queue a request; `lora` is its adapter, already validated and held in host memory."""
+        if lora is not None and self.lora_pool is None:
+            raise ValueError("this engine was built without LoRA slots")
         seq = Sequence(
+            lora=lora,
             request=request,
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             generator=make_generator(request.sampling),
@@ -120,8 +131,19 @@ class EngineRunner:
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _is_ready(self, seq: Sequence) -> bool:
+    def _acquire_slot(self, seq: Sequence) -> bool:
+        if seq.lora is None:
+            return True
+        slot = self.lora_pool.acquire(seq.lora)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
         return True
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.lora_pool.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def _loop(self) -> None:
         try:
@@ -172,8 +194,9 @@ class EngineRunner:
             self._append(seq, token)
         return True
 
-    def before_forward(self, batch) -> None:
-        """Hook for per-step work that depends on the batch (the LoRA metadata)."""
+    def before_forward(self, batch: StepBatch) -> None:
+        if self.lora_pool is not None:
+            self.lora_pool.prepare(batch)
 
     def _append(self, seq: Sequence, token: int) -> None:
         sp = seq.request.sampling

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import SeqWork
 from node.engine.detokenizer import IncrementalDetokenizer
 from node.engine.kv_cache import KVCache
@@ -31,6 +32,7 @@ class SeqStatus(enum.Enum):
 @dataclass
 class Sequence:
     request: GenerationRequest
+    lora: LoraAdapter | None
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + generated
@@ -70,12 +72,16 @@ class Scheduler:
         kv: KVCache,
         max_num_seqs: int,
         max_prefill_tokens: int,
-        is_ready: Callable[[Sequence], bool] = lambda seq: True,
+        acquire: Callable[[Sequence], bool] = lambda seq: True,
+        release: Callable[[Sequence], None] = lambda seq: None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
-        self.is_ready = is_ready  # e.g. the sequence's adapter is loaded into a slot
+        # Resources beyond KV blocks that a running sequence holds (its adapter's LoRA slot).
+        # acquire returns False when they are not available now: the sequence waits, others go on.
+        self.acquire = acquire
+        self.release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -86,16 +92,18 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.kv.release(seq.block_table)
         if seq in self.running:
+            self.release(seq)
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.release(seq.block_table)
+        self.release(seq)
         seq.num_cached = 0
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
@@ -128,13 +136,14 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not self.is_ready(seq):
-                skipped.append(seq)  # its adapter is loading: it must not block the others
-                continue
             # all blocks for the current tokens up front, so its prefill can always finish
-            if not self.kv.grow(seq.block_table, len(seq.tokens)):
+            if self.kv.blocks_needed(len(seq.tokens)) > self.kv.allocator.num_free:
                 self.waiting.appendleft(seq)
                 break
+            if not self.acquire(seq):
+                skipped.append(seq)  # e.g. every LoRA slot is pinned: it must not block the others
+                continue
+            self.kv.grow(seq.block_table, len(seq.tokens))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             n = min(len(seq.tokens), budget)

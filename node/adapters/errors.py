@@ -1,0 +1,13 @@
+"""Adapter exceptions. Each also inherits the matching builtin and carries a user-safe message."""
+
+
+class AdapterError(Exception):
+    """Root of the adapter subsystem's exceptions."""
+
+
+class InvalidAdapterError(AdapterError, ValueError):
+    """The adapter failed validation (format, base model, shapes, values, limits): never loaded."""
+
+
+class AdapterUnavailableError(AdapterError, RuntimeError):
+    """The adapter could not be fetched or loaded right now (retried later with backoff)."""

@@ -1,0 +1,146 @@
+"""Adapter lifecycle: from a source to host memory, shared by every request that names it.
+
+    FETCHING -> VERIFIED (files on local disk) -> LOADED (validated, host memory) -> ACTIVE (in a
+    device slot, managed by the engine's slot pool) | FAILED (reason kept; retried after a backoff)
+
+Concurrent requests for the same adapter share one load. A request whose adapter is loading awaits
+that load in its own task, so it never holds up requests for other adapters. The host tier keeps
+the most recently used adapters (LRU, bounded by count); adapters held by in-flight requests are
+never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
+from node.adapters.peft_format import BaseModelShape, LoraAdapter, load_adapter
+from node.adapters.sources import AdapterSource
+
+log = logging.getLogger(__name__)
+
+
+class AdapterState(str, enum.Enum):
+    FETCHING = "fetching"
+    VERIFIED = "verified"
+    LOADED = "loaded"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+@dataclass
+class _Entry:
+    name: str
+    source: AdapterSource
+    state: AdapterState = AdapterState.VERIFIED
+    adapter: LoraAdapter | None = None
+    refs: int = 0
+    loading: asyncio.Future | None = None
+    error: Exception | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    loaded_at: float = field(default=0.0)
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        sources: list[AdapterSource],
+        base: BaseModelShape,
+        max_rank: int,
+        *,
+        host_capacity: int = 64,
+        retry_backoff_s: float = 5.0,
+        max_backoff_s: float = 300.0,
+    ) -> None:
+        self.sources = sources
+        self.base = base
+        self.max_rank = max_rank
+        self.host_capacity = host_capacity
+        self.retry_backoff_s = retry_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._entries: dict[str, _Entry] = {}
+        self._host: OrderedDict[str, None] = OrderedDict()  # LOADED adapters, least recent first
+        self.loads = 0
+
+    def names(self) -> list[str]:
+        out: list[str] = []
+        for source in self.sources:
+            out.extend(n for n in source.names() if n not in out)
+        return out
+
+    def resolve(self, name: str) -> AdapterSource | None:
+        for source in self.sources:
+            if source.has(name):
+                return source
+        return None
+
+    def state(self, name: str) -> AdapterState | None:
+        entry = self._entries.get(name)
+        return entry.state if entry else None
+
+    def failure(self, name: str) -> Exception | None:
+        entry = self._entries.get(name)
+        return entry.error if entry else None
+
+    async def acquire(self, name: str) -> LoraAdapter:
+        """The validated adapter in host memory, loading it first if needed. Pair with `release`."""
+        entry = self._entries.get(name)
+        if entry is None:
+            source = self.resolve(name)
+            if source is None:
+                raise LookupError(name)
+            entry = self._entries[name] = _Entry(name, source)
+        while entry.adapter is None:
+            if entry.loading is None:
+                if entry.state is AdapterState.FAILED and time.monotonic() < entry.retry_at:
+                    raise entry.error
+                entry.loading = asyncio.ensure_future(self._load(entry))
+            await asyncio.shield(entry.loading)  # one waiter leaving must not cancel the shared load
+        entry.refs += 1
+        self._host.move_to_end(name)
+        return entry.adapter
+
+    def release(self, name: str) -> None:
+        entry = self._entries[name]
+        entry.refs -= 1
+        self._trim_host()
+
+    async def _load(self, entry: _Entry) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            entry.state = AdapterState.FETCHING
+            path = await entry.source.fetch(entry.name)
+            entry.state = AdapterState.VERIFIED
+            adapter = await loop.run_in_executor(
+                None, load_adapter, path, entry.name, self.base, self.max_rank
+            )
+        except (InvalidAdapterError, AdapterUnavailableError) as exc:
+            entry.failures += 1
+            entry.state, entry.error = AdapterState.FAILED, exc
+            entry.retry_at = time.monotonic() + min(self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1))
+            log.warning("adapter %s failed: %s", entry.name, exc)
+            raise
+        finally:
+            entry.loading = None
+        entry.adapter, entry.state, entry.error, entry.failures = adapter, AdapterState.LOADED, None, 0
+        entry.loaded_at = time.monotonic()
+        self._host[entry.name] = None
+        self.loads += 1
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        excess = len(self._host) - self.host_capacity
+        for name in list(self._host):
+            if excess <= 0:
+                break
+            entry = self._entries[name]
+            if entry.refs == 0:
+                del self._host[name]
+                entry.adapter, entry.state = None, AdapterState.VERIFIED
+                excess -= 1

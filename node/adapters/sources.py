@@ -1,0 +1,48 @@
+"""Where adapters come from. Every source yields a local directory holding a PEFT adapter; the
+manager validates it the same way whatever the source."""
+
+from __future__ import annotations
+
+import abc
+import re
+from pathlib import Path
+
+from node.adapters.errors import AdapterUnavailableError
+from node.adapters.peft_format import CONFIG_FILE
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class AdapterSource(abc.ABC):
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Adapters this source can list (for /v1/models)."""
+
+    @abc.abstractmethod
+    def has(self, name: str) -> bool:
+        """Whether `name` refers to an adapter of this source."""
+
+    @abc.abstractmethod
+    async def fetch(self, name: str) -> Path:
+        """A local directory with the adapter's files, verified by the source."""
+
+
+class LocalAdapterSource(AdapterSource):
+    """A directory of adapters, one sub-directory each; the sub-directory name is the model name."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise FileNotFoundError(f"adapter directory {root} does not exist")
+        self.root = root
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and (p / CONFIG_FILE).is_file())
+
+    def has(self, name: str) -> bool:
+        return bool(_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
+
+    async def fetch(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_dir():
+            raise AdapterUnavailableError(f"adapter {name!r} disappeared from {self.root}")
+        return path

@@ -1,0 +1,90 @@
+"""The app factory: every route, middleware and resource of the HTTP API is wired here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from node.api.errors import ModelNotFoundError, error_middleware
+from node.api.generation import chat_completions, completions
+from node.api.keys import ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.metrics import Metrics, metrics_middleware
+from node.api.openapi import build_openapi
+from node.api.schemas import Health, ModelCard, ModelList
+from node.config import Settings
+from node.engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The node's HTTP API. Serve it with `node.api.server.start_server` (it cancels the handlers of
+    clients that disconnect, which aborts their engine requests)."""
+    # metrics_middleware is outermost, so it counts the status error_middleware settled on.
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[OPENAPI] = build_openapi()
+    app.cleanup_ctx.append(_engine)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+async def _engine(app: web.Application) -> AsyncIterator[None]:
+    """Load the model (blocking, so in an executor), run the engine for the app's lifetime."""
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, AsyncEngine.load, app[SETTINGS])
+    await engine.start()
+    app[ENGINE] = engine
+    app[STARTED_AT] = int(time.time())
+    log.info("engine ready: %s (context %d tokens)", engine.model_name, engine.max_model_len)
+    try:
+        yield
+    finally:
+        await engine.stop()
+
+
+def _card(app: web.Application, name: str) -> ModelCard:
+    return ModelCard(id=name, created=app[STARTED_AT])
+
+
+async def list_models(request: web.Request) -> web.Response:
+    names = request.app[ENGINE].list_models()
+    body = ModelList(data=[_card(request.app, name) for name in names])
+    return web.json_response(text=body.model_dump_json())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if name not in request.app[ENGINE].list_models():
+        raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
+    return web.json_response(text=_card(request.app, name).model_dump_json())
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    stats = engine.stats()
+    body = Health(model=engine.model_name, running=stats["running"], waiting=stats["waiting"])
+    return web.json_response(text=body.model_dump_json())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[METRICS].render(request.app[ENGINE].stats())
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])

@@ -1,0 +1,302 @@
+"""POST /v1/chat/completions and /v1/completions: parse, tokenize, run through the engine, answer.
+
+Both endpoints share one path; `_ChatFormat` and `_CompletionFormat` differ only in the bodies and
+chunks they build. Tokenizing runs in an executor (a long prompt takes milliseconds of CPU); the
+engine runs in its own thread. Leaving `engine.generate` early (the client went away and aiohttp
+cancelled the handler, or a stream write failed) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import jinja2
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from node.api.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    from_validation_error,
+)
+from node.api.keys import ENGINE, METRICS, SETTINGS, STREAM_RESPONSE
+from node.api.metrics import endpoint_label
+from node.api.schemas import (
+    REQUEST_FIELD_NAMES,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    GenerationBody,
+    Usage,
+)
+from node.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from node.engine import AsyncEngine
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        raise PayloadTooLargeError(f"Request body too large: the limit is {request.client_max_size} bytes.")
+    body = await request.read()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc, REQUEST_FIELD_NAMES) from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    req = await parse_body(request, ChatCompletionRequest)
+    if req.max_completion_tokens is not None:
+        limit = ("max_completion_tokens", req.max_completion_tokens)
+    else:
+        limit = ("max_tokens", req.max_tokens)
+    prompt_of = functools.partial(_chat_prompt_ids, messages=req.messages)
+    return await _complete(request, req, _ChatFormat(req.model), prompt_of, "messages", limit, started)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    req = await parse_body(request, CompletionRequest)
+    prompt_of = functools.partial(_completion_prompt_ids, prompt=req.prompt)
+    limit = ("max_tokens", req.max_tokens)
+    return await _complete(request, req, _CompletionFormat(req.model), prompt_of, "prompt", limit, started)
+
+
+def _adapter_for(engine: AsyncEngine, model: str) -> str | None:
+    """The adapter to apply for a requested model name (None: the base model)."""
+    if model == engine.model_name:
+        return None
+    if model in engine.list_models():
+        return model
+    raise ModelNotFoundError(f"The model '{model}' does not exist on this node.", param="model")
+
+
+def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise InvalidRequestError("This model has no chat template; use /v1/completions.", param="messages")
+    conversation = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            message["name"] = m.name
+        conversation.append(message)
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise InvalidRequestError(
+            f"The model's chat template rejected these messages: {exc}", param="messages"
+        ) from exc
+    # The template already wrote the special tokens (BOS, role markers): add none.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _completion_prompt_ids(tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise InvalidRequestError(
+                "Only one prompt per request is supported.", param="prompt", code="invalid_value"
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        vocab = len(tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"Token ids must be in [0, {vocab}).", param="prompt", code="invalid_value")
+        ids = list(prompt)
+    if not ids:
+        raise InvalidRequestError("The prompt is empty.", param="prompt", code="invalid_value")
+    return ids
+
+
+def _max_tokens(request: web.Request, field: str, requested: int | None, prompt: list[int], prompt_param: str) -> int:
+    context = request.app[ENGINE].max_model_len
+    if requested is not None and requested > context:
+        raise InvalidRequestError(
+            f"'{field}' is {requested}, more than this model's context of {context} tokens.",
+            param=field,
+            code="invalid_value",
+        )
+    room = context - len(prompt)
+    if room < 1:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context} tokens, and the prompt has {len(prompt)}.",
+            param=prompt_param,
+        )
+    if requested is None:
+        return min(request.app[SETTINGS].default_max_tokens, room)
+    if requested > room:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context} tokens; you asked for {len(prompt) + requested} "
+            f"({len(prompt)} in the prompt, {requested} for the completion). Shorten the prompt or {field}.",
+            param=prompt_param,
+        )
+    return requested
+
+
+def _sampling(req: GenerationBody, max_tokens: int) -> SamplingParams:
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=req.seed,
+        stop=tuple(s for s in stop if s),
+        ignore_eos=bool(req.ignore_eos),
+    )
+
+
+class _ChatFormat:
+    """The bodies and chunks of /v1/chat/completions."""
+
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def body(self, text: str, finish: str, usage: Usage) -> BaseModel:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+    def opening(self) -> list[BaseModel]:
+        return [self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+
+    def delta(self, text: str, finish: str | None) -> BaseModel:
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=text), finish_reason=finish)])
+
+    def usage(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+class _CompletionFormat:
+    """The bodies and chunks of /v1/completions (streamed chunks are `text_completion` objects too)."""
+
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def body(self, text: str, finish: str, usage: Usage) -> BaseModel:
+        return self._completion([CompletionChoice(text=text, finish_reason=finish)], usage)
+
+    def opening(self) -> list[BaseModel]:
+        return []
+
+    def delta(self, text: str, finish: str | None) -> BaseModel:
+        return self._completion([CompletionChoice(text=text, finish_reason=finish)])
+
+    def usage(self, usage: Usage) -> BaseModel:
+        return self._completion([], usage)
+
+    def _completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+_Format = _ChatFormat | _CompletionFormat
+
+
+async def _complete(
+    request: web.Request,
+    req: GenerationBody,
+    fmt: _Format,
+    prompt_of: Callable[[Any], list[int]],
+    prompt_param: str,
+    limit: tuple[str, int | None],
+    started: float,
+) -> web.StreamResponse:
+    """Tokenize with `prompt_of(tokenizer)`, generate, and answer in one body or as a stream."""
+    engine = request.app[ENGINE]
+    adapter = _adapter_for(engine, req.model)
+    prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
+    max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
+    gen = GenerationRequest(fmt.id, prompt_ids, _sampling(req, max_tokens), adapter)
+    run = _Run(request, gen, started)
+    async with aclosing(run.outputs()) as outputs:
+        if not req.stream:
+            text = "".join([out.text async for out in outputs])
+            body = fmt.body(text, _finish_name(run.last), _usage(run.last))
+            return web.json_response(text=body.model_dump_json())
+        # Wait for the first token before sending headers: a failure up to here is a plain error status.
+        out = await anext(outputs, None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        request[STREAM_RESPONSE] = response
+        for chunk in fmt.opening():
+            await _send(response, chunk)
+        while out is not None:
+            if out.text or out.finished:
+                await _send(response, fmt.delta(out.text, _finish_name(out) if out.finished else None))
+            out = await anext(outputs, None)
+    if req.stream_options is not None and req.stream_options.include_usage:
+        await _send(response, fmt.usage(_usage(run.last)))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, chunk: BaseModel) -> None:
+    await response.write(b"data: " + chunk.model_dump_json().encode() + b"\n\n")
+
+
+class _Run:
+    """One request's trip through the engine: remembers the last output, records TTFT and token counts."""
+
+    def __init__(self, request: web.Request, gen: GenerationRequest, started: float) -> None:
+        self.engine = request.app[ENGINE]
+        self.metrics = request.app[METRICS]
+        self.endpoint = endpoint_label(request)
+        self.gen = gen
+        self.started = started
+        self.last: GenerationOutput | None = None
+
+    async def outputs(self) -> AsyncIterator[GenerationOutput]:
+        try:
+            async with aclosing(self.engine.generate(self.gen)) as outputs:
+                async for out in outputs:
+                    if self.last is None:
+                        ttft = time.perf_counter() - self.started
+                        self.metrics.time_to_first_token.labels(self.endpoint).observe(ttft)
+                    self.last = out
+                    if out.finish_reason is FinishReason.ABORT:
+                        raise ServiceUnavailableError("The engine aborted the request (is it shutting down?).")
+                    yield out
+        finally:
+            if self.last is not None:
+                self.metrics.observe_tokens(self.endpoint, self.last.prompt_tokens, self.last.completion_tokens)
+
+
+def _finish_name(out: GenerationOutput | None) -> str:
+    assert out is not None and out.finish_reason is not None, "the engine ends every request with a finish reason"
+    return out.finish_reason.value
+
+
+def _usage(out: GenerationOutput | None) -> Usage:
+    assert out is not None
+    return Usage(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        total_tokens=out.prompt_tokens + out.completion_tokens,
+    )

@@ -1,0 +1,139 @@
+"""The `openlora` command.
+
+Settings come from three places, strongest first: flags given on the command line, `OPENLORA_*`
+environment variables, defaults. Flags have no argparse defaults, so `Settings(**flags)` holds
+exactly the flags that were given and pydantic-settings fills in the rest (and validates all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from node.config import Settings
+
+log = logging.getLogger("openlora")
+
+# Settings fields each command takes as flags (`max_num_seqs` -> `--max-num-seqs`).
+SERVE_FLAGS = (
+    "host", "port", "model", "served_model_name", "cache_dir", "dtype", "device", "threads",
+    "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens",
+    "default_max_tokens", "max_body_bytes",
+)  # fmt: skip
+PREPARE_FLAGS = ("model", "cache_dir")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.get_default(call_default_factory=True)
+        notes = ([] if default is None else [f"default: {default}"]) + [f"env OPENLORA_{name.upper()}"]
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,  # absent flags stay absent: env vars and defaults fill in
+            metavar=name.upper(),
+            help=f"{field.description or name.replace('_', ' ')} ({'; '.join(notes)})",
+        )
+
+
+def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
+    return Settings(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from node.engine.prepare import prepare_model
+
+    settings = _settings(args, SERVE_FLAGS)
+    # Validates --model, or finds (first run: builds) the bundled model with a progress display.
+    model_dir = prepare_model(settings, progress=True)
+    asyncio.run(_run_server(settings.model_copy(update={"model": str(model_dir)})))
+
+
+async def _run_server(settings: Settings) -> None:
+    from node.api.app import create_app
+    from node.api.keys import ENGINE
+    from node.api.server import start_server
+
+    app = create_app(settings)
+    runner, url = await start_server(app, settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s at %s", app[ENGINE].model_name, url)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def _model_prepare(args: argparse.Namespace) -> None:
+    from node.engine.prepare import prepare_model
+
+    print(prepare_model(_settings(args, PREPARE_FLAGS), progress=True))
+
+
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the OpenAI-compatible inference server")
+    _add_settings_flags(serve, SERVE_FLAGS)
+    serve.set_defaults(run=_serve)
+
+
+def _register_model(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="manage the base model")
+    commands = model.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    prepare = commands.add_parser(
+        "prepare", help="convert the bundled GGUF model into the cache (or check --model) and print its directory"
+    )
+    _add_settings_flags(prepare, PREPARE_FLAGS)
+    prepare.set_defaults(run=_model_prepare)
+
+
+def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Each entry adds one group of subcommands. Packages with commands of their own register here."""
+    return [_register_serve, _register_model]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="openlora", description="OpenLoRA node: multi-LoRA inference with on-chain attribution.")
+    subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    for register in _command_groups():
+        register(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.engine import EngineError
+
+    try:
+        args.run(args)
+    except (EngineError, ValidationError, OSError) as exc:
+        print(f"openlora: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
