@@ -25,7 +25,7 @@ log = logging.getLogger("openlora")
 SERVE_FLAGS = (
     "host", "port", "model", "served_model_name", "cache_dir", "dtype", "device", "threads",
     "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens",
-    "default_max_tokens", "max_body_bytes",
+    "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
 )  # fmt: skip
 PREPARE_FLAGS = ("model", "cache_dir")
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from node.api.keys import STREAM_RESPONSE
 from node.api.schemas import ErrorBody, ErrorResponse
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
 from node.engine import EngineError, PromptTooLongError, UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -127,6 +128,10 @@ def to_api_error(exc: Exception, request: web.Request) -> APIError:
         return ContextLengthExceededError(str(exc), param=param)
     if isinstance(exc, UnknownModelError):
         return ModelNotFoundError(str(exc), param="model")
+    if isinstance(exc, InvalidAdapterError):
+        return InvalidRequestError(f"The adapter cannot be used: {exc}", param="model", code="adapter_invalid")
+    if isinstance(exc, AdapterUnavailableError):
+        return ServiceUnavailableError(f"The adapter is not available now: {exc}", code="adapter_unavailable")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLargeError(f"Request body too large: the limit is {request.client_max_size} bytes.")
     if isinstance(exc, web.HTTPMethodNotAllowed):

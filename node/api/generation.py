@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import jinja2
 from aiohttp import web
@@ -23,7 +23,6 @@ from pydantic import BaseModel, ValidationError
 from node.api.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
-    ModelNotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
     from_validation_error,
@@ -47,9 +46,6 @@ from node.api.schemas import (
     Usage,
 )
 from node.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
-
-if TYPE_CHECKING:
-    from node.engine import AsyncEngine
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -81,15 +77,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_of = functools.partial(_completion_prompt_ids, prompt=req.prompt)
     limit = ("max_tokens", req.max_tokens)
     return await _complete(request, req, _CompletionFormat(req.model), prompt_of, "prompt", limit, started)
-
-
-def _adapter_for(engine: AsyncEngine, model: str) -> str | None:
-    """The adapter to apply for a requested model name (None: the base model)."""
-    if model == engine.model_name:
-        return None
-    if model in engine.list_models():
-        return model
-    raise ModelNotFoundError(f"The model '{model}' does not exist on this node.", param="model")
 
 
 def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
@@ -229,7 +216,8 @@ async def _complete(
 ) -> web.StreamResponse:
     """Tokenize with `prompt_of(tokenizer)`, generate, and answer in one body or as a stream."""
     engine = request.app[ENGINE]
-    adapter = _adapter_for(engine, req.model)
+    # Any other name is an adapter's; the engine knows which exist (UnknownModelError -> 404).
+    adapter = None if req.model == engine.model_name else req.model
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
     gen = GenerationRequest(fmt.id, prompt_ids, _sampling(req, max_tokens), adapter)

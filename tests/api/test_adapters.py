@@ -1,0 +1,58 @@
+"""Adapters through the API: listed as models, selected by `model`, mixed with base requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+import pytest_asyncio
+
+from node.adapters.synthetic import make_random_adapter
+from tests.api.conftest import MODEL, Node, serve_node
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ADAPTERS = ("alpha", "beta")
+GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("api-adapters")
+    for seed, name in enumerate(ADAPTERS):
+        make_random_adapter(tiny_model_dir, root / name, rank=4, seed=seed, std=0.3)
+    return root
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def node(tiny_model_dir, adapters_dir) -> AsyncIterator[Node]:  # overrides conftest's: with adapters
+    async with serve_node(tiny_model_dir, adapters_dir=str(adapters_dir)) as n:
+        yield n
+
+
+async def test_adapters_are_listed_after_the_base_model(client: openai.AsyncOpenAI):
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [MODEL, *ADAPTERS]
+    assert (await client.models.retrieve("beta")).id == "beta"
+
+
+async def test_each_adapter_changes_the_answer_and_batches_mix(client: openai.AsyncOpenAI, node: Node):
+    async def complete(model: str) -> str:
+        resp = await client.completions.create(model=model, prompt="The capital of France", **GREEDY)
+        assert resp.model == model
+        return resp.choices[0].text
+
+    alone = {model: await complete(model) for model in (MODEL, *ADAPTERS)}
+    assert len(set(alone.values())) == 3  # the adapters really apply
+    mixed = await asyncio.gather(*(complete(model) for model in (MODEL, *ADAPTERS) * 2))
+    assert mixed == [alone[m] for m in (MODEL, *ADAPTERS) * 2]
+    await node.wait_idle()
+
+
+async def test_unknown_adapter_is_model_not_found(client: openai.AsyncOpenAI):
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}])
+    assert (info.value.code, info.value.param) == ("model_not_found", "model")

