@@ -28,6 +28,7 @@ SERVE_FLAGS = (
     "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
 )  # fmt: skip
 PREPARE_FLAGS = ("model", "cache_dir")
+FLAG_ALIASES = {"adapters_dir": ("--adapters",)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +43,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -
         notes = ([] if default is None else [f"default: {default}"]) + [f"env OPENLORA_{name.upper()}"]
         parser.add_argument(
             f"--{name.replace('_', '-')}",
+            *FLAG_ALIASES.get(name, ()),
             dest=name,
             default=argparse.SUPPRESS,  # absent flags stay absent: env vars and defaults fill in
             metavar=name.upper(),

@@ -25,7 +25,7 @@ from node.adapters.sources import AdapterSource
 log = logging.getLogger(__name__)
 
 
-class AdapterState(str, enum.Enum):
+class AdapterState(enum.StrEnum):
     FETCHING = "fetching"
     VERIFIED = "verified"
     LOADED = "loaded"
@@ -117,13 +117,13 @@ class AdapterManager:
             entry.state = AdapterState.FETCHING
             path = await entry.source.fetch(entry.name)
             entry.state = AdapterState.VERIFIED
-            adapter = await loop.run_in_executor(
-                None, load_adapter, path, entry.name, self.base, self.max_rank
-            )
+            adapter = await loop.run_in_executor(None, load_adapter, path, entry.name, self.base, self.max_rank)
         except (InvalidAdapterError, AdapterUnavailableError) as exc:
             entry.failures += 1
             entry.state, entry.error = AdapterState.FAILED, exc
-            entry.retry_at = time.monotonic() + min(self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1))
+            entry.retry_at = time.monotonic() + min(
+                self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1)
+            )
             log.warning("adapter %s failed: %s", entry.name, exc)
             raise
         finally:

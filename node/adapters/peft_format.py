@@ -89,7 +89,9 @@ def read_config(path: Path, name: str) -> dict:
     return cfg
 
 
-def load_adapter(path: Path, name: str, base: BaseModelShape, max_rank: int, *, check_base_name: bool = True) -> LoraAdapter:
+def load_adapter(
+    path: Path, name: str, base: BaseModelShape, max_rank: int, *, check_base_name: bool = True
+) -> LoraAdapter:
     """Validate `path` as a PEFT LoRA adapter for `base` and load its weights (fp32, host memory)."""
     if any((path / f).exists() for f in PICKLE_FILES) and not (path / WEIGHTS_FILE).is_file():
         raise _fail(name, "only safetensors weights are accepted (pickle .bin/.pt files can run code)")

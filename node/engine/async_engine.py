@@ -8,15 +8,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from node.config import Settings
-from node.engine.errors import EngineStoppedError, PromptTooLongError, UnknownModelError
-from node.engine.model import LlamaModel
 from node.adapters.manager import AdapterManager
 from node.adapters.peft_format import BaseModelShape
 from node.adapters.sources import LocalAdapterSource
+from node.config import Settings
+from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
 from node.engine.lora import LoraSlotPool
+from node.engine.model import LlamaModel
 from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
 from node.engine.runner import EngineRunner, set_threads
 from node.engine.types import GenerationOutput, GenerationRequest
@@ -41,8 +42,11 @@ class AsyncEngine:
         """Blocking: prepares (if needed) and loads the model. Run it in an executor."""
         set_threads(settings.threads)
         path = prepare_model(settings, progress=progress)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = LlamaModel.from_pretrained(path, dtype=_DTYPES[settings.dtype], device=settings.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = LlamaModel.from_pretrained(path, dtype=_DTYPES[settings.dtype], device=settings.device)
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ModelLoadError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from exc
         eos = set(model.cfg.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -116,8 +120,7 @@ class AsyncEngine:
         kv = self.runner.kv
         if kv.blocks_needed(total) > kv.allocator.num_blocks:
             raise PromptTooLongError(
-                f"{total} tokens do not fit this node's KV cache "
-                f"({kv.allocator.num_blocks * kv.block_size} tokens)"
+                f"{total} tokens do not fit this node's KV cache ({kv.allocator.num_blocks * kv.block_size} tokens)"
             )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

@@ -9,6 +9,10 @@ class ModelNotFoundError(EngineError, FileNotFoundError):
     """The base model directory is missing or not a supported model."""
 
 
+class ModelLoadError(EngineError, RuntimeError):
+    """The model directory exists but its weights or tokenizer cannot be loaded."""
+
+
 class UnknownModelError(EngineError, LookupError):
     """A request named a model (base or adapter) this node does not serve."""
 

@@ -46,7 +46,10 @@ class LoraSlotPool(LoraHook):
                 offs.append(offs[-1] + n)
             self.offsets[group] = tuple(offs)
         self.A = [
-            {g: torch.zeros(num_slots, len(outs), max_rank, fan_in, dtype=dtype, device=device) for g, (fan_in, outs) in dims.items()}
+            {
+                g: torch.zeros(num_slots, len(outs), max_rank, fan_in, dtype=dtype, device=device)
+                for g, (fan_in, outs) in dims.items()
+            }
             for _ in range(cfg.num_layers)
         ]
         self.B = [
@@ -133,5 +136,12 @@ class LoraSlotPool(LoraHook):
         if batch.lora_meta is None or group not in batch.extra["lora_groups"]:
             return  # base-only step, or no adapter in it targets this projection
         kernels.add_lora(
-            y, x, self.A[layer][group], self.B[layer][group], self.scales, self.ranks, self.offsets[group], batch.lora_meta
+            y,
+            x,
+            self.A[layer][group],
+            self.B[layer][group],
+            self.scales,
+            self.ranks,
+            self.offsets[group],
+            batch.lora_meta,
         )

@@ -96,7 +96,9 @@ async def test_preemption_under_kv_pressure_keeps_outputs(make_engine):
 
 async def test_cancelled_request_frees_its_blocks(make_engine):
     engine = await make_engine()
-    gen = engine.generate(GenerationRequest("cancel-me", prompt(20, 3), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
+    gen = engine.generate(
+        GenerationRequest("cancel-me", prompt(20, 3), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    )
     await gen.__anext__()
     assert engine.stats()["kv_blocks_used"] > 0
     await gen.aclose()

@@ -42,8 +42,15 @@ def adapters_dir(tiny_model_dir, tmp_path_factory) -> Path:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     for i, (rank, alpha, targets, rs) in enumerate(SPECS):
         make_random_adapter(
-            tiny_model_dir, root / f"ad{i}", rank=rank, alpha=alpha, target_modules=targets, seed=i,
-            use_rslora=rs, std=0.15, base_model=base,
+            tiny_model_dir,
+            root / f"ad{i}",
+            rank=rank,
+            alpha=alpha,
+            target_modules=targets,
+            seed=i,
+            use_rslora=rs,
+            std=0.15,
+            base_model=base,
         )
     return root
 
@@ -65,7 +72,9 @@ def peft_greedy(tiny_model_dir: Path, adapter_dir: Path | None, ids: list[int], 
 
 
 def peft_logits(tiny_model_dir: Path, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), adapter_dir
+    )
     with torch.no_grad():
         return model.eval()(torch.tensor([ids])).logits[0]
 

@@ -87,7 +87,7 @@ class CarParser:
         self._pending = bytearray()  # the start of a frame that straddles feeds
         self._frame_size = 0  # total size of the pending frame, once its prefix is known
 
-    def feed(self, chunk: bytes) -> list[tuple[bytes, memoryview]]:
+    def feed(self, chunk: bytes | memoryview) -> list[tuple[bytes, memoryview]]:
         out: list[tuple[bytes, memoryview]] = []
         view = memoryview(chunk)
         pos = 0

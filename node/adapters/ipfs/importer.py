@@ -32,6 +32,7 @@ from node.adapters.ipfs.errors import SourceChanged, UnsupportedEntry
 from node.adapters.ipfs.unixfs import directory_node, file_node
 
 CHUNK_SIZE = 256 * 1024
+MAX_CHUNK_SIZE = 1024 * 1024  # Kubo's limit for --chunker=size-N
 MAX_LINKS = 174
 
 
@@ -116,24 +117,33 @@ class UnixfsDag:
             yield from self._sections(entry, seen)
 
 
-def import_file(path: str | os.PathLike[str]) -> UnixfsDag:
-    """Hash a regular file the way `ipfs add --cid-version=1` does."""
+def import_file(path: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> UnixfsDag:
+    """Hash a regular file the way `ipfs add --cid-version=1` does. `chunk_size` is Kubo's
+    `--chunker=size-N`; keep the default to get the CIDs everyone else gets."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         raise UnsupportedEntry(f"{path.name!r} is not a regular file")
-    return UnixfsDag(_plan_file(path))
+    return UnixfsDag(_plan_file(path, _check_chunk_size(chunk_size)))
 
 
-def import_directory(path: str | os.PathLike[str], *, include_hidden: bool = False) -> UnixfsDag:
+def import_directory(
+    path: str | os.PathLike[str], *, include_hidden: bool = False, chunk_size: int = CHUNK_SIZE
+) -> UnixfsDag:
     """Hash a directory tree the way `ipfs add -r --cid-version=1` does (an adapter directory:
     `adapter_config.json`, `adapter_model.safetensors`, maybe a README)."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         raise UnsupportedEntry(f"{path.name!r} is not a directory")
-    return UnixfsDag(_plan_directory(path, include_hidden))
+    return UnixfsDag(_plan_directory(path, include_hidden, _check_chunk_size(chunk_size)))
 
 
-def _plan_directory(path: Path, include_hidden: bool) -> _Dir:
+def _check_chunk_size(chunk_size: int) -> int:
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE} bytes")
+    return chunk_size
+
+
+def _plan_directory(path: Path, include_hidden: bool, chunk_size: int) -> _Dir:
     entries: list[tuple[str, _File | _Dir]] = []
     with os.scandir(path) as it:
         for entry in it:
@@ -147,9 +157,9 @@ def _plan_directory(path: Path, include_hidden: bool) -> _Dir:
             if entry.is_symlink():
                 raise UnsupportedEntry(f"{name!r} is a symbolic link: not added")
             if entry.is_dir(follow_symlinks=False):
-                entries.append((name, _plan_directory(Path(entry.path), include_hidden)))
+                entries.append((name, _plan_directory(Path(entry.path), include_hidden, chunk_size)))
             elif entry.is_file(follow_symlinks=False):
-                entries.append((name, _plan_file(Path(entry.path))))
+                entries.append((name, _plan_file(Path(entry.path), chunk_size)))
             else:
                 raise UnsupportedEntry(f"{name!r} is not a regular file or directory")
     entries.sort(key=lambda e: e[0].encode("utf-8"))
@@ -158,32 +168,32 @@ def _plan_directory(path: Path, include_hidden: bool) -> _Dir:
     return _Dir(key, block, entries, len(block) + sum(item.tsize for _, item in entries))
 
 
-def _plan_file(path: Path) -> _File:
+def _plan_file(path: Path, chunk_size: int) -> _File:
     leaves: list[_Leaf | _FileNode] = []
     with open(path, "rb", buffering=0) as f:
         stat = os.fstat(f.fileno())
         offset = 0
-        for chunk in _chunks(f):
+        for chunk in _chunks(f, chunk_size):
             leaves.append(_Leaf(make_key(RAW, hashlib.sha256(chunk).digest()), offset, len(chunk)))
             offset += len(chunk)
     return _File(path, offset, stat.st_mtime_ns, _balance(leaves))
 
 
-def _chunks(f: BinaryIO) -> Iterator[memoryview]:
-    """Fixed 256 KiB chunks (the last one shorter); an empty file is one empty chunk."""
-    buf = bytearray(CHUNK_SIZE)
+def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[memoryview]:
+    """Fixed-size chunks (the last one shorter); an empty file is one empty chunk."""
+    buf = bytearray(chunk_size)
     view = memoryview(buf)
     first = True
     while True:
         filled = 0
-        while filled < CHUNK_SIZE:
+        while filled < chunk_size:
             n = f.readinto(view[filled:])
             if not n:
                 break
             filled += n
         if filled or first:
             yield view[:filled]
-        if filled < CHUNK_SIZE:
+        if filled < chunk_size:
             return
         first = False
 

@@ -1,0 +1,153 @@
+"""Mixed-adapter serving: our engine against PEFT's batched multi-adapter generate, and against
+our own engine on the base model only, in one process on the same requests.
+
+16 random rank-8 adapters for SmolLM2 (q/k/v/o, non-zero B, fixed seeds); 32 chat requests, each
+assigned an adapter round-robin, exactly 64 new tokens each (EOS ignored everywhere), greedy.
+  (a) our engine, all requests at once (max_num_seqs 32, 16 LoRA slots)
+  (b) PEFT, all adapters loaded, one batched generate(..., adapter_names=[...]) of 32 (left padded)
+  (c) our engine, the same requests on the base model
+Runs are interleaved and repeated; the table shows medians.
+
+    .venv/bin/python scripts/bench_multilora.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from node.adapters.synthetic import make_random_adapter
+from node.config import Settings
+from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine.prepare import prepare_model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one paragraph.",
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I sort a list in Python?",
+    "What is a LoRA adapter?",
+]
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for i in range(n)
+    ]
+
+
+async def run_engine(engine: AsyncEngine, prompts, models, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> int:
+        sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        n = 0
+        async for out in engine.generate(GenerationRequest(f"m{i}-{t0}", prompts[i], sp, models[i])):
+            n = out.completion_tokens
+        return n
+
+    counts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    wall = time.perf_counter() - t0
+    assert all(c == new_tokens for c in counts)
+    return sum(counts) / wall
+
+
+def run_peft(model, prompts, adapter_names, new_tokens: int, pad_id: int) -> float:
+    maxp = max(map(len, prompts))
+    ids = torch.full((len(prompts), maxp), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, maxp - len(p) :] = torch.tensor(p)
+        mask[i, maxp - len(p) :] = 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=adapter_names,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    wall = time.perf_counter() - t0
+    assert out.shape[1] == maxp + new_tokens
+    return len(prompts) * new_tokens / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests and tokens, under 3 minutes")
+    args = ap.parse_args()
+    n_req, n_adapters, new_tokens, repeats = (16, 8, 32, 2) if args.quick else (32, 16, 64, 3)
+
+    base_dir = prepare_model(Settings())
+    work = Path(tempfile.mkdtemp(prefix="bench-multilora-"))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    names = [f"bench-{i:02d}" for i in range(n_adapters)]
+    for i, name in enumerate(names):
+        make_random_adapter(base_dir, work / name, rank=8, alpha=16, seed=1000 + i, std=0.02, base_model=base)
+
+    engine = AsyncEngine.load(
+        Settings(adapters_dir=work, max_loras=n_adapters, max_lora_rank=8, max_num_seqs=n_req, host_adapters=n_adapters)
+    )
+    prompts = chat_prompts(engine.tokenizer, n_req)
+    assigned = [names[i % n_adapters] for i in range(n_req)]
+
+    peft = PeftModel.from_pretrained(base, work / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(work / name, adapter_name=name)
+    peft.eval()
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+
+    async def bench():
+        await engine.start()
+        try:
+            await run_engine(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
+            run_peft(peft, prompts[:4], assigned[:4], 4, pad)
+            res: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
+            for _ in range(repeats):
+                res["ours"].append(await run_engine(engine, prompts, assigned, new_tokens))
+                res["base"].append(await run_engine(engine, prompts, [None] * n_req, new_tokens))
+                res["peft"].append(run_peft(peft, prompts, assigned, new_tokens, pad))
+            return res
+        finally:
+            await engine.stop()
+
+    res = asyncio.run(bench())
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(
+        f"\n{n_req} chat requests x {new_tokens} new tokens, {n_adapters} rank-8 q/k/v/o adapters round-robin, "
+        f"greedy, batch {n_req}, {torch.get_num_threads()} threads, median of {repeats}"
+    )
+    print(f"{'system':<44}{'tokens/s':>10}{'vs (a)':>9}")
+    rows = [
+        ("(a) openlora engine, mixed adapters", med["ours"]),
+        ("(b) PEFT generate(adapter_names=...)", med["peft"]),
+        ("(c) openlora engine, base model only", med["base"]),
+    ]
+    for label, v in rows:
+        print(f"{label:<44}{v:>10.1f}{v / med['ours']:>9.2f}")
+    speedup = med["ours"] / med["peft"]
+    overhead = 1 - med["ours"] / med["base"]
+    print(f"RESULT speedup_vs_peft={speedup:.2f} lora_overhead={overhead:.3f}")
+
+
+if __name__ == "__main__":
+    main()
