@@ -6,7 +6,7 @@ Rows are laid out decode first, then prefill chunks. Example with block_size 4: 
     token_ids    [a5, b0, b1, b2]
     positions    [5, 0, 1, 2]
     slot_mapping [7*4+1, 0, 1, 2]          # where each row's K/V is written
-    decode_rows  slice(0, 1); decode_context_slots [[12, 13, 14, 15, 28, 29]]
+    decode_rows  slice(0, 1); decode_block_tables [[3, 7]]; decode_mask [[1, 1, 1, 1, 1, 1, 0, 0]]
     prefills     [PrefillChunk(start=1, end=4, context_start=0)]
     logit_rows   [0, 3]                    # last row of every sequence that samples
 """
@@ -33,8 +33,9 @@ class StepBatch:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     num_decode: int
-    decode_context_slots: torch.Tensor | None  # [B, Lmax]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool
+    block_size: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor  # [S]
     # Per-row adapter slot (-1 = base only), and whatever the LoRA path precomputes once per step.
@@ -80,15 +81,18 @@ def build_batch(decodes: list[SeqWork], prefills: list[SeqWork], block_size: int
         lora.append(w.lora_slot)
         logit_rows.append(len(ids) - 1)
     num_decode = len(decodes)
-    decode_ctx = decode_mask = None
+    decode_tables = decode_mask = None
     if num_decode:
-        lmax = max(w.end for w in decodes)
-        ctx = torch.zeros(num_decode, lmax, dtype=torch.long)
-        mask = torch.zeros(num_decode, lmax, dtype=torch.bool)
+        # whole blocks are gathered (one index per block, not per token); the mask hides the
+        # unused tail of each sequence's last block and the padding blocks
+        nblk = max(-(-w.end // block_size) for w in decodes)
+        tables = torch.zeros(num_decode, nblk, dtype=torch.long)
+        lengths = torch.tensor([w.end for w in decodes])
         for b, w in enumerate(decodes):
-            ctx[b, : w.end] = torch.tensor(token_slots(w.block_table, 0, w.end, block_size))
-            mask[b, : w.end] = True
-        decode_ctx, decode_mask = ctx.to(device), mask[:, None, None, :].to(device)
+            used = -(-w.end // block_size)
+            tables[b, :used] = torch.tensor(w.block_table[:used])
+        mask = torch.arange(nblk * block_size)[None, :] < lengths[:, None]
+        decode_tables, decode_mask = tables.to(device), mask[:, None, None, :].to(device)
     chunks: list[PrefillChunk] = []
     for w in prefills:
         start = len(ids)
@@ -110,7 +114,8 @@ def build_batch(decodes: list[SeqWork], prefills: list[SeqWork], block_size: int
         positions=torch.tensor(pos, dtype=torch.long, device=device),
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decode=num_decode,
-        decode_context_slots=decode_ctx,
+        block_size=block_size,
+        decode_block_tables=decode_tables,
         decode_mask=decode_mask,
         prefills=chunks,
         logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),

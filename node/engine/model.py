@@ -241,9 +241,13 @@ class LlamaModel:
             out[rows] = o[0].transpose(0, 1).reshape(-1, cfg.q_size)
         if batch.num_decode:
             d = batch.decode_rows
-            qd = q[d].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[batch.decode_context_slots].transpose(1, 2)  # [B, KVH, Lmax, D]
-            vd = v_cache[batch.decode_context_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
-            out[d] = o.reshape(-1, cfg.q_size)
+            n, kvh, hd, bs = batch.num_decode, cfg.num_kv_heads, cfg.head_dim, batch.block_size
+            # GQA without repeating K/V: the query heads sharing a KV head become that head's
+            # "query positions" (HF order: query head h uses KV head h // group)
+            qd = q[d].view(n, kvh, cfg.num_heads // kvh, hd)  # [B, KVH, group, D]
+            blocks = batch.decode_block_tables.view(-1)
+            kd = k_cache.view(-1, bs, kvh, hd).index_select(0, blocks).view(n, -1, kvh, hd).transpose(1, 2)
+            vd = v_cache.view(-1, bs, kvh, hd).index_select(0, blocks).view(n, -1, kvh, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask)  # [B, KVH, group, D]
+            out[d] = o.reshape(n, cfg.q_size)
         return out

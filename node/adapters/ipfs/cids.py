@@ -85,7 +85,6 @@ def _describe_unsupported(prefix: bytes) -> InvalidCid | UnsupportedCid:
     )
 
 
-
 def check_block(key: bytes, data: bytes | memoryview) -> None:
     """Raise `BlockHashMismatch` unless `data` hashes to the digest in `key`."""
     if hashlib.sha256(data).digest() != key[4:]:

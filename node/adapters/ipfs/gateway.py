@@ -146,6 +146,9 @@ async def fetch_verified(
 ) -> Path:
     """Fetch `cid` from the first gateway that delivers it intact; returns `dest_dir / str(cid)`.
 
+    `gateways` are tried in order: URLs (with `timeout` and `total_timeout`) or `GatewayClient`s
+    (with their own timeouts and session).
+
     Raises `FileExistsError` if that path exists, and `AllGatewaysFailed` (its `errors` list says
     what each attempt hit) if no gateway delivered. Nothing is left in `dest_dir` on failure.
     """
@@ -156,8 +159,10 @@ async def fetch_verified(
         raise FileExistsError(f"{dest} already exists")
     errors: list[IpfsError] = []
     for gateway in gateways:
-        client = gateway if isinstance(gateway, GatewayClient) else GatewayClient(
-            gateway, timeout=timeout, total_timeout=total_timeout
+        client = (
+            gateway
+            if isinstance(gateway, GatewayClient)
+            else GatewayClient(gateway, timeout=timeout, total_timeout=total_timeout)
         )
         try:
             for attempt in range(retries + 1):
@@ -172,4 +177,3 @@ async def fetch_verified(
             if client is not gateway:
                 await client.aclose()
     raise AllGatewaysFailed(str(cid), errors)
-

@@ -133,13 +133,17 @@ class LocalIpfsNode:
             while not line.endswith(b"\n"):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LocalNodeError(f"the local IPFS node did not start within {self.startup_timeout:g} s{self._log_tail()}")
+                    raise LocalNodeError(
+                        f"the local IPFS node did not start within {self.startup_timeout:g} s{self._log_tail()}"
+                    )
                 if not sel.select(left):
                     continue
                 chunk = os.read(self._proc.stdout.fileno(), 4096)
                 if not chunk:
                     self._proc.wait()
-                    raise LocalNodeError(f"the local IPFS node exited with code {self._proc.returncode}{self._log_tail()}")
+                    raise LocalNodeError(
+                        f"the local IPFS node exited with code {self._proc.returncode}{self._log_tail()}"
+                    )
                 line += chunk
         try:
             ready = json.loads(line)

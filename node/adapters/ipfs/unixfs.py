@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ipld_dag_pb
+
 from node.adapters.ipfs.cids import cid_of, key_str, read_block_cid
 from node.adapters.ipfs.errors import IpfsError, UnixFSError
 

@@ -174,12 +174,7 @@ class DagAssembler:
         names: set[str] = set()
         for link in node.links:
             name = link.name or ""
-            if (
-                name in ("", ".", "..")
-                or "/" in name
-                or "\x00" in name
-                or len(name.encode("utf-8")) > _MAX_NAME_BYTES
-            ):
+            if name in ("", ".", "..") or "/" in name or "\x00" in name or len(name.encode("utf-8")) > _MAX_NAME_BYTES:
                 raise UnixFSError(f"directory {key_str(key)} has an unsafe entry name {name[:80]!r}")
             if name in names:
                 raise UnixFSError(f"directory {key_str(key)} lists {name[:80]!r} twice")
@@ -314,9 +309,7 @@ class VerifiedDownload:
         return self.dest
 
 
-def verify_car_file(
-    car: Path | BinaryIO, root: CID | str, dest: Path, *, max_bytes: int, durable: bool = True
-) -> Path:
+def verify_car_file(car: Path | BinaryIO, root: CID | str, dest: Path, *, max_bytes: int, durable: bool = True) -> Path:
     """Verify a CAR file (or binary file object) for `root` and materialize it at `dest`."""
     if isinstance(car, Path):
         with open(car, "rb") as f:

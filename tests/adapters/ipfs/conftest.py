@@ -1,0 +1,102 @@
+"""Fixtures for the IPFS tests.
+
+- `ipfs_node`: the real local IPFS node (Helia, `scripts/ipfs-node`) on free ports with a temp
+  repo, one per session; it is the honest gateway and the Kubo RPC API.
+- `helia_add`: Helia's own UnixFS importer through the node's Kubo-style `/api/v0/add`, with
+  Kubo's options: the cross-check for our importer's CIDs.
+- `serve_gateway`: small aiohttp servers that play misbehaving gateways (adversaries, not mocks
+  of IPFS: they serve crafted CARs, hang, or fail).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from node.adapters.ipfs import LocalIpfsNode
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture(scope="session")
+def ipfs_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIpfsNode]:
+    node = LocalIpfsNode(tmp_path_factory.mktemp("ipfs-repo"))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def add_to_helia(
+    api_url: str,
+    files: dict[str, bytes | None],
+    *,
+    cid_version: int = 1,
+    chunk_size: int = 262144,
+    pin: bool = False,
+) -> dict[str, str]:
+    """`ipfs add` through the node's `/api/v0/add`: `files` maps paths to bytes (None = an empty
+    directory); returns {path: CID} for every file and directory added."""
+    form = aiohttp.FormData()  # it percent-encodes file names, as Kubo's clients do
+    for path, data in files.items():
+        if data is None:
+            form.add_field("file", b"", filename=path, content_type="application/x-directory")
+        else:
+            form.add_field("file", data, filename=path, content_type="application/octet-stream")
+    params = {
+        "cid-version": str(cid_version),
+        "chunker": f"size-{chunk_size}",
+        "pin": "true" if pin else "false",
+    }
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{api_url}/api/v0/add", params=params, data=form) as resp:
+            body = await resp.text()
+            assert resp.status == 200, body
+    return {entry["Name"]: entry["Hash"] for entry in map(json.loads, body.splitlines())}
+
+
+@pytest.fixture
+def helia_add(ipfs_node: LocalIpfsNode) -> Callable[..., Awaitable[dict[str, str]]]:
+    async def add(files: dict[str, bytes | None], **options: object) -> dict[str, str]:
+        return await add_to_helia(ipfs_node.api_url, files, **options)  # type: ignore[arg-type]
+
+    return add
+
+
+@pytest.fixture
+async def serve_gateway() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """`url = await serve_gateway(handler)`: a server answering `GET /ipfs/{cid}` with `handler`."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_get("/ipfs/{cid}", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def tree_files(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and empty directory (None) under `root`, by relative path."""
+    out: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file():
+            out[rel] = path.read_bytes()
+        elif path.is_dir() and not any(path.iterdir()):
+            out[rel] = None
+    return out
