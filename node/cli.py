@@ -107,7 +107,9 @@ def _register_model(subparsers: argparse._SubParsersAction) -> None:
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Each entry adds one group of subcommands. Packages with commands of their own register here."""
-    return [_register_serve, _register_model]
+    from node.adapters.cli import register_cli as register_adapter
+
+    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,11 +131,13 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.adapters.errors import AdapterError
+    from node.adapters.ipfs import IpfsError
     from node.engine import EngineError
 
     try:
         args.run(args)
-    except (EngineError, ValidationError, OSError) as exc:
+    except (EngineError, AdapterError, IpfsError, ValidationError, OSError) as exc:
         print(f"openlora: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

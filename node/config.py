@@ -43,3 +43,27 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="adapter slots on the compute device")
     max_lora_rank: int = Field(16, ge=1, le=256)
     host_adapters: int = Field(64, ge=1, description="adapters kept validated in host memory (LRU)")
+    max_adapter_bytes: int = Field(256 << 20, ge=1, description="largest adapter accepted (download and weights)")
+
+    # IPFS (content-addressed adapters)
+    ipfs_gateways: list[str] = Field(
+        default_factory=list,
+        description="trustless gateways to fetch adapters from, tried in order; none: start a local IPFS node",
+    )
+    ipfs_api_url: str | None = Field(None, description="Kubo RPC API to publish adapters to (default: the local node)")
+    local_ipfs: bool = Field(True, description="start a local IPFS node when no gateway is configured")
+    adapter_index: Path | None = Field(None, description="JSON file mapping adapter names to CIDs")
+    adapter_cache_bytes: int = Field(4 << 30, ge=1, description="disk cache of verified adapters (LRU)")
+    ipfs_timeout: float = Field(30.0, gt=0, description="seconds to wait on a gateway before trying the next")
+
+    @property
+    def ipfs_repo(self) -> Path:
+        return self.cache_dir / "ipfs"
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        return self.cache_dir / "adapters"
+
+    @property
+    def default_adapter_index(self) -> Path:
+        return self.cache_dir / "adapter-index.json"

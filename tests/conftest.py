@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Apps built by tests start no local IPFS node unless a test asks for one (Settings(local_ipfs=True)
+# or explicit gateways); the IPFS tests run the real node through the `ipfs_node` fixture.
+os.environ.setdefault("OPENLORA_LOCAL_IPFS", "false")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -6,8 +6,17 @@ class AdapterError(Exception):
 
 
 class InvalidAdapterError(AdapterError, ValueError):
-    """The adapter failed validation (format, base model, shapes, values, limits): never loaded."""
+    """The adapter failed validation (format, base model, shapes, values, limits): never loaded.
+
+    `reason` is a short stable code for metrics (e.g. "pickle", "base_model", "rank", "shape").
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AdapterUnavailableError(AdapterError, RuntimeError):
     """The adapter could not be fetched or loaded right now (retried later with backoff)."""
+
+    reason = "unavailable"

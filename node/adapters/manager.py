@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -55,6 +56,7 @@ class AdapterManager:
         max_rank: int,
         *,
         host_capacity: int = 64,
+        max_bytes: int = 256 << 20,
         retry_backoff_s: float = 5.0,
         max_backoff_s: float = 300.0,
     ) -> None:
@@ -62,11 +64,17 @@ class AdapterManager:
         self.base = base
         self.max_rank = max_rank
         self.host_capacity = host_capacity
+        self.max_bytes = max_bytes
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, None] = OrderedDict()  # LOADED adapters, least recent first
         self.loads = 0
+        self.failure_counts: dict[str, int] = {}  # refusals and fetch failures by reason, for /metrics
+
+    @property
+    def num_loaded(self) -> int:
+        return len(self._host)
 
     def names(self) -> list[str]:
         out: list[str] = []
@@ -74,28 +82,36 @@ class AdapterManager:
             out.extend(n for n in source.names() if n not in out)
         return out
 
-    def resolve(self, name: str) -> AdapterSource | None:
+    def resolve(self, name: str) -> tuple[AdapterSource, str] | None:
+        """The source serving `name` and the adapter's identity there, or None if unknown."""
         for source in self.sources:
-            if source.has(name):
-                return source
+            key = source.canonical(name)
+            if key is not None:
+                return source, key
         return None
 
     def state(self, name: str) -> AdapterState | None:
-        entry = self._entries.get(name)
+        entry = self._entry(name)
         return entry.state if entry else None
 
     def failure(self, name: str) -> Exception | None:
-        entry = self._entries.get(name)
+        entry = self._entry(name)
         return entry.error if entry else None
 
+    def _entry(self, name: str) -> _Entry | None:
+        found = self.resolve(name)
+        return self._entries.get(found[1]) if found else None
+
     async def acquire(self, name: str) -> LoraAdapter:
-        """The validated adapter in host memory, loading it first if needed. Pair with `release`."""
-        entry = self._entries.get(name)
+        """The validated adapter in host memory, loading it first if needed. Pair with `release`.
+        Raises LookupError for an unknown name."""
+        found = self.resolve(name)
+        if found is None:
+            raise LookupError(name)
+        source, key = found
+        entry = self._entries.get(key)
         if entry is None:
-            source = self.resolve(name)
-            if source is None:
-                raise LookupError(name)
-            entry = self._entries[name] = _Entry(name, source)
+            entry = self._entries[key] = _Entry(key, source)
         while entry.adapter is None:
             if entry.loading is None:
                 if entry.state is AdapterState.FAILED and time.monotonic() < entry.retry_at:
@@ -103,11 +119,11 @@ class AdapterManager:
                 entry.loading = asyncio.ensure_future(self._load(entry))
             await asyncio.shield(entry.loading)  # one waiter leaving must not cancel the shared load
         entry.refs += 1
-        self._host.move_to_end(name)
+        self._host.move_to_end(key)
         return entry.adapter
 
-    def release(self, name: str) -> None:
-        entry = self._entries[name]
+    def release(self, adapter: LoraAdapter) -> None:
+        entry = self._entries[adapter.name]
         entry.refs -= 1
         self._trim_host()
 
@@ -117,9 +133,11 @@ class AdapterManager:
             entry.state = AdapterState.FETCHING
             path = await entry.source.fetch(entry.name)
             entry.state = AdapterState.VERIFIED
-            adapter = await loop.run_in_executor(None, load_adapter, path, entry.name, self.base, self.max_rank)
+            load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
+            adapter = await loop.run_in_executor(None, load)
         except (InvalidAdapterError, AdapterUnavailableError) as exc:
             entry.failures += 1
+            self.failure_counts[exc.reason] = self.failure_counts.get(exc.reason, 0) + 1
             entry.state, entry.error = AdapterState.FAILED, exc
             entry.retry_at = time.monotonic() + min(
                 self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1)

@@ -69,40 +69,46 @@ class LoraAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
-def _fail(name: str, why: str) -> InvalidAdapterError:
-    return InvalidAdapterError(f"adapter {name!r} rejected: {why}")
+def _fail(name: str, why: str, reason: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"adapter {name!r} rejected: {why}", reason)
 
 
 def read_config(path: Path, name: str) -> dict:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
-        raise _fail(name, f"{CONFIG_FILE} is missing")
+        raise _fail(name, f"{CONFIG_FILE} is missing", "missing")
     size = cfg_file.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise _fail(name, f"{CONFIG_FILE} is {size} bytes (limit {MAX_CONFIG_BYTES})")
+        raise _fail(name, f"{CONFIG_FILE} is {size} bytes (limit {MAX_CONFIG_BYTES})", "config")
     try:
         cfg = json.loads(cfg_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(name, f"{CONFIG_FILE} is not valid JSON ({exc})") from None
+        raise _fail(name, f"{CONFIG_FILE} is not valid JSON ({exc})", "config") from None
     if not isinstance(cfg, dict):
-        raise _fail(name, f"{CONFIG_FILE} must hold a JSON object")
+        raise _fail(name, f"{CONFIG_FILE} must hold a JSON object", "config")
     return cfg
 
 
 def load_adapter(
-    path: Path, name: str, base: BaseModelShape, max_rank: int, *, check_base_name: bool = True
+    path: Path,
+    name: str,
+    base: BaseModelShape,
+    max_rank: int,
+    *,
+    check_base_name: bool = True,
+    max_bytes: int = 256 << 20,
 ) -> LoraAdapter:
     """Validate `path` as a PEFT LoRA adapter for `base` and load its weights (fp32, host memory)."""
     if any((path / f).exists() for f in PICKLE_FILES) and not (path / WEIGHTS_FILE).is_file():
-        raise _fail(name, "only safetensors weights are accepted (pickle .bin/.pt files can run code)")
+        raise _fail(name, "only safetensors weights are accepted (pickle .bin/.pt files can run code)", "pickle")
     cfg = read_config(path, name)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise _fail(name, f"peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise _fail(name, f"peft_type {cfg.get('peft_type')!r} is not LORA", "unsupported")
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if cfg.get(key) == bad:
-            raise _fail(name, f"{key}={bad} is not supported")
+            raise _fail(name, f"{key}={bad} is not supported", "unsupported")
     if cfg.get("bias", "none") != "none":
-        raise _fail(name, f"bias={cfg['bias']!r} is not supported (only 'none')")
+        raise _fail(name, f"bias={cfg['bias']!r} is not supported (only 'none')", "unsupported")
     for key in (
         "modules_to_save",
         "rank_pattern",
@@ -115,46 +121,49 @@ def load_adapter(
         "use_qalora",
     ):
         if cfg.get(key):
-            raise _fail(name, f"{key} is not supported")
+            raise _fail(name, f"{key} is not supported", "unsupported")
     rank = cfg.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise _fail(name, f"r must be a positive integer, got {rank!r}")
+        raise _fail(name, f"r must be a positive integer, got {rank!r}", "config")
     if rank > max_rank:
-        raise _fail(name, f"rank {rank} exceeds this node's maximum LoRA rank {max_rank}")
+        raise _fail(name, f"rank {rank} exceeds this node's maximum LoRA rank {max_rank}", "rank")
     alpha = cfg.get("lora_alpha", rank)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _fail(name, f"lora_alpha must be a finite number, got {alpha!r}")
+        raise _fail(name, f"lora_alpha must be a finite number, got {alpha!r}", "config")
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     base_name = cfg.get("base_model_name_or_path")
     if check_base_name and base_name and not _same_base(base_name, (base.name, *base.aliases)):
-        raise _fail(name, f"it was trained for base model {base_name!r}, this node serves {base.name!r}")
+        raise _fail(name, f"it was trained for base model {base_name!r}, this node serves {base.name!r}", "base_model")
     targets = _target_modules(cfg.get("target_modules"), name)
 
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
-        raise _fail(name, f"{WEIGHTS_FILE} is missing")
+        raise _fail(name, f"{WEIGHTS_FILE} is missing", "missing")
+    size = weights_file.stat().st_size
+    if size > max_bytes:
+        raise _fail(name, f"{WEIGHTS_FILE} is {size} bytes (limit {max_bytes})", "too_large")
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(weights_file, framework="pt") as f:
             for key in f.keys():
                 m = _KEY.match(key)
                 if m is None:
-                    raise _fail(name, f"unexpected tensor {key!r}")
+                    raise _fail(name, f"unexpected tensor {key!r}", "shape")
                 layer, module, ab = int(m[1]), m[2], m[3]
                 if module not in targets:
-                    raise _fail(name, f"tensor {key!r} is for {module}, which target_modules does not list")
+                    raise _fail(name, f"tensor {key!r} is for {module}, which target_modules does not list", "shape")
                 if layer >= base.num_layers:
-                    raise _fail(name, f"tensor {key!r}: the base model has {base.num_layers} layers")
+                    raise _fail(name, f"tensor {key!r}: the base model has {base.num_layers} layers", "shape")
                 raw.setdefault((layer, module), {})[ab] = f.get_tensor(key)
     except SafetensorError as exc:
-        raise _fail(name, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
+        raise _fail(name, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})", "format") from None
     if not raw:
-        raise _fail(name, "it has no LoRA weights")
+        raise _fail(name, "it has no LoRA weights", "shape")
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, module), pair in sorted(raw.items()):
         if set(pair) != {"A", "B"}:
-            raise _fail(name, f"layer {layer} {module} lacks lora_{'A' if 'A' not in pair else 'B'}")
+            raise _fail(name, f"layer {layer} {module} lacks lora_{'A' if 'A' not in pair else 'B'}", "shape")
         a, b = pair["A"], pair["B"]
         fan_in, fan_out = base.in_out(module)
         if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
@@ -162,12 +171,15 @@ def load_adapter(
                 name,
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, "
                 f"expected {(rank, fan_in)} / {(fan_out, rank)}",
+                "shape",
             )
         if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
-            raise _fail(name, f"layer {layer} {module}: weights must be floating point, got {a.dtype}/{b.dtype}")
+            raise _fail(
+                name, f"layer {layer} {module}: weights must be floating point, got {a.dtype}/{b.dtype}", "dtype"
+            )
         a, b = a.float(), b.float()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise _fail(name, f"layer {layer} {module}: weights contain NaN or infinity")
+            raise _fail(name, f"layer {layer} {module}: weights contain NaN or infinity", "non_finite")
         weights[(layer, module)] = (a.contiguous(), b.contiguous())
     return LoraAdapter(
         name=name,
@@ -184,13 +196,19 @@ def _target_modules(value, name: str) -> frozenset[str]:
         # PEFT treats a string as a regex over full module names, or an exact suffix
         found = {m for m in SUPPORTED_MODULES if re.fullmatch(value, m) or re.search(value, f"layers.0.x.{m}")}
         if not found:
-            raise _fail(name, f"target_modules {value!r} matches no supported module {SUPPORTED_MODULES}")
+            raise _fail(
+                name, f"target_modules {value!r} matches no supported module {SUPPORTED_MODULES}", "unsupported"
+            )
         return frozenset(found)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise _fail(name, "target_modules must be a non-empty list of module names")
+        raise _fail(name, "target_modules must be a non-empty list of module names", "config")
     unsupported = sorted(set(value) - set(SUPPORTED_MODULES))
     if unsupported:
-        raise _fail(name, f"target modules {unsupported} are not supported (supported: {list(SUPPORTED_MODULES)})")
+        raise _fail(
+            name,
+            f"target modules {unsupported} are not supported (supported: {list(SUPPORTED_MODULES)})",
+            "unsupported",
+        )
     return frozenset(value)
 
 

@@ -22,6 +22,11 @@ class AdapterSource(abc.ABC):
     def has(self, name: str) -> bool:
         """Whether `name` refers to an adapter of this source."""
 
+    def canonical(self, name: str) -> str | None:
+        """The adapter's identity (e.g. its CID) if `name` refers to one of this source's adapters.
+        Names with the same identity share one load and one device slot."""
+        return name if self.has(name) else None
+
     @abc.abstractmethod
     async def fetch(self, name: str) -> Path:
         """A local directory with the adapter's files, verified by the source."""

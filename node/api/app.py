@@ -32,6 +32,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[OPENAPI] = build_openapi()
+    app.cleanup_ctx.append(_local_ipfs)
     app.cleanup_ctx.append(_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -43,12 +44,38 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
+    """With no IPFS gateway configured, run a local IPFS node (Helia, or Kubo in docker-compose)
+    for the node's lifetime and fetch adapters through it."""
+    settings = app[SETTINGS]
+    if settings.ipfs_gateways or not settings.local_ipfs:
+        yield
+        return
+    from node.adapters.ipfs import LocalIpfsNode
+
+    node = LocalIpfsNode(settings.ipfs_repo)
+    await asyncio.get_running_loop().run_in_executor(None, node.start)
+    log.info("local IPFS node: gateway %s, RPC %s (repo %s)", node.gateway_url, node.api_url, settings.ipfs_repo)
+    app[SETTINGS] = settings.model_copy(
+        update={
+            "ipfs_gateways": [node.gateway_url],
+            "ipfs_api_url": settings.ipfs_api_url or node.api_url,
+            "adapter_index": settings.adapter_index or settings.default_adapter_index,
+        }
+    )
+    try:
+        yield
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, node.stop)
+
+
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     """Load the model (blocking, so in an executor), run the engine for the app's lifetime."""
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, AsyncEngine.load, app[SETTINGS])
     await engine.start()
     app[ENGINE] = engine
+    app[METRICS].watch_adapters(engine.adapter_stats)
     app[STARTED_AT] = int(time.time())
     log.info("engine ready: %s (context %d tokens)", engine.model_name, engine.max_model_len)
     try:

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
 from node.api.keys import STREAM_RESPONSE
 from node.api.schemas import ErrorBody, ErrorResponse
-from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
 from node.engine import EngineError, PromptTooLongError, UnknownModelError
 
 log = logging.getLogger(__name__)

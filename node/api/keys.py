@@ -9,8 +9,8 @@ from aiohttp import web
 from node.config import Settings
 
 if TYPE_CHECKING:
-    from node.api.metrics import Metrics
-    from node.engine import AsyncEngine
+    from node.api.metrics import Metrics  # noqa: F401 (named in a string below)
+    from node.engine import AsyncEngine  # noqa: F401
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey["AsyncEngine"]("engine")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from node.api.errors import Handler
 from node.api.keys import METRICS
@@ -41,6 +43,10 @@ class Metrics:
         self.kv_blocks_used = Gauge("openlora_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge("openlora_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
 
+    def watch_adapters(self, stats: Callable[[], dict]) -> None:
+        """Export the engine's adapter tiers and refusals, read at every scrape."""
+        self.registry.register(_AdapterCollector(stats))
+
     def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
         self.completion_tokens.labels(endpoint).inc(completion_tokens)
@@ -52,6 +58,28 @@ class Metrics:
         self.kv_blocks_used.set(engine_stats["kv_blocks_used"])
         self.kv_blocks_total.set(engine_stats["kv_blocks_total"])
         return generate_latest(self.registry)
+
+
+class _AdapterCollector(Collector):
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        tiers = GaugeMetricFamily("openlora_adapters_resident", "Adapters resident per tier", labels=["tier"])
+        tiers.add_metric(["host"], s["host"])
+        tiers.add_metric(["device"], s["device"])
+        yield tiers
+        loads = CounterMetricFamily("openlora_adapter_loads", "Adapters loaded into a tier", labels=["tier"])
+        loads.add_metric(["host"], s["loads"])
+        loads.add_metric(["device"], s["device_loads"])
+        yield loads
+        failures = CounterMetricFamily(
+            "openlora_adapter_failures", "Adapters refused or not fetched, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(s["failures"].items()):
+            failures.add_metric([reason], n)
+        yield failures
 
 
 def endpoint_label(request: web.Request) -> str:

@@ -11,13 +11,14 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
+from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource
 from node.adapters.manager import AdapterManager
 from node.adapters.peft_format import BaseModelShape
-from node.adapters.sources import LocalAdapterSource
+from node.adapters.sources import AdapterSource, LocalAdapterSource
 from node.config import Settings
 from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
 from node.engine.lora import LoraSlotPool
-from node.engine.model import LlamaModel
+from node.engine.model import LlamaModel, ModelConfig
 from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
 from node.engine.runner import EngineRunner, set_threads
 from node.engine.types import GenerationOutput, GenerationRequest
@@ -51,26 +52,19 @@ class AsyncEngine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         max_len = min(settings.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
-        name = settings.served_model_name or _model_name(path)
+        name = served_name(settings, path)
         adapters = pool = None
-        if settings.adapters_dir is not None:
-            cfg = model.cfg
-            base = BaseModelShape(
-                name=name,
-                aliases=_base_aliases(path),
-                num_layers=cfg.num_layers,
-                hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size,
-                q_size=cfg.q_size,
-                kv_size=cfg.kv_size,
-            )
+        sources = adapter_sources(settings)
+        if sources:
+            base = base_model_shape(model.cfg, name, path)
             adapters = AdapterManager(
-                [LocalAdapterSource(Path(settings.adapters_dir))],
+                sources,
                 base,
                 settings.max_lora_rank,
                 host_capacity=settings.host_adapters,
+                max_bytes=settings.max_adapter_bytes,
             )
-            pool = LoraSlotPool(cfg, settings.max_loras, settings.max_lora_rank, model.dtype, model.device)
+            pool = LoraSlotPool(model.cfg, settings.max_loras, settings.max_lora_rank, model.dtype, model.device)
         runner = EngineRunner(
             model,
             tokenizer,
@@ -92,6 +86,19 @@ class AsyncEngine:
     def list_models(self) -> list[str]:
         """The base model first, then every adapter a request may name."""
         return [self.model_name] + (self.adapters.names() if self.adapters else [])
+
+    def adapter_stats(self) -> dict:
+        """Adapter tiers and failures, for /metrics."""
+        if self.adapters is None:
+            return {"host": 0, "device": 0, "loads": 0, "device_loads": 0, "failures": {}}
+        pool = self.runner.lora_pool
+        return {
+            "host": self.adapters.num_loaded,
+            "device": len(pool.resident()),
+            "loads": self.adapters.loads,
+            "device_loads": pool.loads,
+            "failures": dict(self.adapters.failure_counts),
+        }
 
     def stats(self) -> dict[str, int]:
         s = self.runner.stats()
@@ -149,16 +156,46 @@ class AsyncEngine:
             if not finished:
                 self.runner.abort(request.request_id)
             if lora is not None:
-                self.adapters.release(request.adapter)
+                self.adapters.release(lora)
+
+
+def base_model_shape(cfg: ModelConfig, name: str, path: Path) -> BaseModelShape:
+    """What every adapter must fit: this base model's dimensions and the names it goes by."""
+    aliases = [path.name, str(path)]
+    if path.name.startswith(DEFAULT_MODEL_NAME):
+        aliases.append(DEFAULT_MODEL_HUB_ID)
+    return BaseModelShape(
+        name=name,
+        aliases=tuple(aliases),
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        q_size=cfg.q_size,
+        kv_size=cfg.kv_size,
+    )
+
+
+def served_name(settings: Settings, path: Path) -> str:
+    return settings.served_model_name or _model_name(path)
+
+
+def adapter_sources(settings: Settings) -> list[AdapterSource]:
+    """A local directory of adapters and/or IPFS (by CID or indexed name), as configured."""
+    sources: list[AdapterSource] = []
+    if settings.adapters_dir is not None:
+        sources.append(LocalAdapterSource(Path(settings.adapters_dir)))
+    if settings.ipfs_gateways:
+        sources.append(
+            IpfsAdapterSource(
+                settings.ipfs_gateways,
+                DiskCache(settings.adapter_cache_dir, settings.adapter_cache_bytes),
+                index_file=settings.adapter_index,
+                max_adapter_bytes=settings.max_adapter_bytes,
+                timeout=settings.ipfs_timeout,
+            )
+        )
+    return sources
 
 
 def _model_name(path: Path) -> str:
     return DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.name
-
-
-def _base_aliases(path: Path) -> tuple[str, ...]:
-    """Names an adapter's base_model_name_or_path may give this base model."""
-    aliases = [path.name, str(path)]
-    if path.name.startswith(DEFAULT_MODEL_NAME):
-        aliases.append(DEFAULT_MODEL_HUB_ID)
-    return tuple(aliases)

@@ -93,12 +93,32 @@ class LocalIpfsNode:
             raise
         self.api_url = ready["api"]
         self.gateway_url = ready["gateway"]
+        # Like Kubo's $IPFS_PATH/api file: other processes (the CLI) find the running node here.
+        endpoints = {"api": self.api_url, "gateway": self.gateway_url, "pid": self._proc.pid}
+        tmp = self.endpoints_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(endpoints))
+        tmp.replace(self.endpoints_path)
+
+    @property
+    def endpoints_path(self) -> Path:
+        return self.repo / "endpoints.json"
+
+    @staticmethod
+    def running_endpoints(repo: str | os.PathLike[str]) -> dict[str, str] | None:
+        """{"api": url, "gateway": url} of a node another process runs over `repo`, if any."""
+        try:
+            endpoints = json.loads((Path(repo) / "endpoints.json").read_text())
+            os.kill(int(endpoints["pid"]), 0)  # still alive?
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return {"api": endpoints["api"], "gateway": endpoints["gateway"]}
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the node closes its stores and exits), then SIGKILL after `timeout` seconds."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        self.endpoints_path.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -32,8 +32,8 @@ from node.adapters.ipfs import (
 )
 from node.adapters.ipfs.car import CAR_MEDIA_TYPE
 
+from ..conftest import Handler, tree_files
 from .cars import build_car, car_of, raw_cid, section, split_car
-from .conftest import Handler, tree_files
 
 Serve = Callable[[Handler], Awaitable[str]]
 MiB = 1024 * 1024

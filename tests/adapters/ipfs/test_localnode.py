@@ -25,8 +25,8 @@ from node.adapters.ipfs import (
 )
 from node.adapters.ipfs.car import CAR_MEDIA_TYPE
 
+from ..conftest import add_to_helia, tree_files
 from .cars import build_car, car_of, split_car
-from .conftest import add_to_helia, tree_files
 
 MiB = 1024 * 1024
 

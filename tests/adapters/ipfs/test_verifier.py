@@ -28,8 +28,8 @@ from node.adapters.ipfs import (
 )
 from node.adapters.ipfs.unixfs import NodeType, UnixFSData
 
+from ..conftest import tree_files
 from .cars import build_car, car_of, dir_node, file_node, pb_cid, pb_node, raw_cid, section, shuffled, split_car
-from .conftest import tree_files
 
 MiB = 1024 * 1024
 

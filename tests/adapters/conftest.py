@@ -1,4 +1,4 @@
-"""Fixtures for the IPFS tests.
+"""Fixtures for the adapter and IPFS tests.
 
 - `ipfs_node`: the real local IPFS node (Helia, `scripts/ipfs-node`) on free ports with a temp
   repo, one per session; it is the honest gateway and the Kubo RPC API.

@@ -1,0 +1,164 @@
+"""Adapters by IPFS CID: fetched from trustless gateways, verified block by block, cached on disk.
+
+A request names an adapter by CID (`ipfs://<cid>` or the bare CID) or by a name that the node's
+adapter index maps to a CID. Whatever the name, the adapter's identity is its CID (CIDv1, base32):
+two names for the same content share one fetch, one host copy and one device slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
+from node.adapters.ipfs import AllGatewaysFailed, InvalidCid, IpfsError, SizeLimitExceeded, fetch_verified, parse_cid
+from node.adapters.sources import AdapterSource
+
+_STAMP = ".last-used"
+
+
+def parse_adapter_cid(name: str) -> str | None:
+    """The canonical CID string (CIDv1 base32) if `name` is a CID or an ipfs:// URL, else None."""
+    text = name.removeprefix("ipfs://").rstrip("/")
+    if not text or "/" in text:
+        return None
+    try:
+        return str(parse_cid(text).set(version=1, base="base32"))
+    except (InvalidCid, ValueError, KeyError):
+        return None
+
+
+class DiskCache:
+    """Verified adapter directories by CID, bounded in bytes, least recently used evicted first."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, cid: str) -> Path:
+        return self.root / cid
+
+    def get(self, cid: str) -> Path | None:
+        path = self.path(cid)
+        if not path.is_dir():
+            return None
+        (path / _STAMP).touch()
+        return path
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last used, bytes, path) of every cached adapter."""
+        out = []
+        for path in self.root.iterdir():
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            stamp = path / _STAMP
+            used = stamp.stat().st_mtime if stamp.exists() else path.stat().st_mtime
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            out.append((used, size, path))
+        return out
+
+    def trim(self, keep: str | None = None) -> list[str]:
+        """Evict least recently used adapters until the cache fits; never `keep`."""
+        entries = sorted(self.entries())
+        total = sum(size for _, size, _ in entries)
+        evicted = []
+        for _, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            if path.name == keep:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
+            evicted.append(path.name)
+        return evicted
+
+
+class IpfsAdapterSource(AdapterSource):
+    def __init__(
+        self,
+        gateways: list[str],
+        cache: DiskCache,
+        *,
+        index_file: Path | None = None,
+        max_adapter_bytes: int = 256 << 20,
+        timeout: float = 30.0,
+    ) -> None:
+        if not gateways:
+            raise ValueError("at least one IPFS gateway is needed")
+        self.gateways = gateways
+        self.cache = cache
+        self.index_file = index_file
+        self.max_adapter_bytes = max_adapter_bytes
+        self.timeout = timeout
+        self._index: dict[str, str] = {}
+        self._index_mtime = -1.0
+        self._fetches: dict[str, asyncio.Future[Path]] = {}
+        self.fetches = 0  # verified downloads completed (cache misses)
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def index(self) -> dict[str, str]:
+        """name -> canonical CID, from the index file (re-read when it changes)."""
+        if self.index_file is None or not self.index_file.is_file():
+            return {}
+        mtime = self.index_file.stat().st_mtime
+        if mtime != self._index_mtime:
+            raw = json.loads(self.index_file.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"{self.index_file}: the adapter index must be a JSON object of name -> CID")
+            index = {}
+            for name, cid in raw.items():
+                canonical = parse_adapter_cid(str(cid))
+                if canonical is None:
+                    raise ValueError(f"{self.index_file}: {name!r} maps to {cid!r}, which is not a CID")
+                index[name] = canonical
+            self._index, self._index_mtime = index, mtime
+        return self._index
+
+    def names(self) -> list[str]:
+        return sorted(self.index())
+
+    def canonical(self, name: str) -> str | None:
+        return self.index().get(name) or parse_adapter_cid(name)
+
+    def has(self, name: str) -> bool:
+        return self.canonical(name) is not None
+
+    # -- content ---------------------------------------------------------------------------------
+
+    async def fetch(self, name: str) -> Path:
+        cid = self.canonical(name)
+        if cid is None:
+            raise AdapterUnavailableError(f"{name!r} is neither a CID nor an indexed adapter name")
+        cached = self.cache.get(cid)
+        if cached is not None:
+            return cached
+        pending = self._fetches.get(cid)
+        if pending is None:  # concurrent requests for one CID share one download
+            pending = self._fetches[cid] = asyncio.ensure_future(self._download(cid))
+            pending.add_done_callback(lambda _: self._fetches.pop(cid, None))
+        return await asyncio.shield(pending)
+
+    async def _download(self, cid: str) -> Path:
+        try:
+            path = await fetch_verified(
+                cid, self.gateways, self.cache.root, max_bytes=self.max_adapter_bytes, timeout=self.timeout
+            )
+        except AllGatewaysFailed as exc:
+            if any(isinstance(e, SizeLimitExceeded) for e in exc.errors):
+                raise InvalidAdapterError(
+                    f"adapter {cid} is larger than this node's limit of {self.max_adapter_bytes} bytes"
+                ) from None
+            raise AdapterUnavailableError(f"adapter {cid} could not be fetched: {exc}") from None
+        except IpfsError as exc:
+            raise AdapterUnavailableError(f"adapter {cid} could not be fetched: {exc}") from None
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
+            raise InvalidAdapterError(f"adapter {cid} is a single file; an adapter is a directory")
+        (path / _STAMP).touch()
+        self.fetches += 1
+        self.cache.trim(keep=cid)
+        return path
