@@ -71,3 +71,17 @@ def test_dockerfile_essentials():
     assert "RUN openlora model prepare" in dockerfile
     assert "\nUSER openlora\n" in dockerfile and "\nEXPOSE 8000\n" in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
+
+
+def test_compose_ipfs_service_feeds_the_node(docker_compose: Path):
+    result = subprocess.run(
+        [docker_compose, "-f", ROOT / "docker-compose.yml", "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["ipfs"]["image"].startswith("ipfs/kubo:v")
+    env = services["node"]["environment"]
+    assert json.loads(env["OPENLORA_IPFS_GATEWAYS"]) == ["http://ipfs:8080"]
+    assert env["OPENLORA_IPFS_API_URL"] == "http://ipfs:5001"
+    assert services["node"]["depends_on"]["ipfs"]["condition"] == "service_healthy"

@@ -107,10 +107,13 @@ class LoraSlotPool(LoraHook):
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         r = adapter.rank
+        # Clear only what the previous occupant wrote: its groups, its first `rank` rows/columns
+        # (a full clear of a slot costs ~3x the copy of a rank-8 SmolLM2 adapter).
+        old_rank = int(self.ranks[slot])
         for layer_a, layer_b in zip(self.A, self.B):
-            for g in GROUP_MODULES:
-                layer_a[g][slot].zero_()
-                layer_b[g][slot].zero_()
+            for g in self._groups[slot]:
+                layer_a[g][slot, :, :old_rank].zero_()
+                layer_b[g][slot, :, :old_rank].zero_()
         for (layer, module), (a, b) in adapter.weights.items():
             group = MODULE_GROUP[module]
             i = GROUP_MODULES[group].index(module)

@@ -1,0 +1,117 @@
+"""Adapter sources (one conformance suite for each) and the manager's lifecycle: shared loads,
+failure with backoff and retry, the host tier's LRU with in-use adapters pinned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from node.adapters.errors import InvalidAdapterError
+from node.adapters.ipfs import KuboRpcClient, import_directory
+from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource
+from node.adapters.manager import AdapterManager, AdapterState
+from node.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseModelShape
+from node.adapters.sources import AdapterSource, LocalAdapterSource
+from node.adapters.synthetic import make_random_adapter
+
+
+@pytest.fixture(scope="module")
+def adapters_root(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for i in range(4):
+        make_random_adapter(tiny_model_dir, root / f"a{i}", rank=4, seed=i)
+    return root
+
+
+@pytest.fixture
+def base(tiny_model_dir) -> BaseModelShape:
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    return BaseModelShape(
+        "tiny", (str(tiny_model_dir),), cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], q, kv
+    )
+
+
+async def _ipfs_source(root: Path, ipfs_node, tmp_path: Path) -> tuple[IpfsAdapterSource, dict[str, str]]:
+    cids = {}
+    async with KuboRpcClient(ipfs_node.api_url) as client:
+        for d in sorted(root.iterdir()):
+            cids[d.name] = str(await client.publish(import_directory(d)))
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps(cids))
+    return IpfsAdapterSource([ipfs_node.gateway_url], DiskCache(tmp_path / "cache", 1 << 30), index_file=index), cids
+
+
+@pytest.fixture(params=["local", "ipfs"])
+async def source(request, adapters_root, tmp_path) -> AdapterSource:
+    if request.param == "local":
+        return LocalAdapterSource(adapters_root)
+    src, _ = await _ipfs_source(adapters_root, request.getfixturevalue("ipfs_node"), tmp_path)
+    return src
+
+
+async def test_source_conformance(source: AdapterSource, adapters_root):
+    assert source.names() == ["a0", "a1", "a2", "a3"]
+    assert source.has("a2") and not source.has("nope") and not source.has("../a1")
+    assert source.canonical("nope") is None
+    path = await source.fetch("a1")
+    assert (path / CONFIG_FILE).read_bytes() == (adapters_root / "a1" / CONFIG_FILE).read_bytes()
+    assert (path / WEIGHTS_FILE).read_bytes() == (adapters_root / "a1" / WEIGHTS_FILE).read_bytes()
+
+
+async def test_ipfs_source_fetches_each_cid_once(adapters_root, ipfs_node, tmp_path):
+    source, cids = await _ipfs_source(adapters_root, ipfs_node, tmp_path)
+    paths = await asyncio.gather(*(source.fetch(n) for n in ["a0", cids["a0"], f"ipfs://{cids['a0']}", "a0"]))
+    assert len(set(paths)) == 1 and source.fetches == 1
+    assert source.canonical(f"ipfs://{cids['a3']}") == source.canonical("a3") == cids["a3"]
+
+
+async def test_concurrent_requests_share_one_load(adapters_root, base):
+    manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8)
+    adapters = await asyncio.gather(*(manager.acquire("a0") for _ in range(5)))
+    assert all(a is adapters[0] for a in adapters) and manager.loads == 1
+    assert manager.state("a0") is AdapterState.LOADED
+    for a in adapters:
+        manager.release(a)
+
+
+async def test_failed_adapter_backs_off_then_retries(adapters_root, base, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(adapters_root / "a0", root / "bad")
+    cfg_file = root / "bad" / CONFIG_FILE
+    good_cfg = cfg_file.read_text()
+    cfg_file.write_text("{not json")
+    manager = AdapterManager([LocalAdapterSource(root)], base, max_rank=8, retry_backoff_s=0.2)
+    with pytest.raises(InvalidAdapterError, match="not valid JSON"):
+        await manager.acquire("bad")
+    assert manager.state("bad") is AdapterState.FAILED
+    cfg_file.write_text(good_cfg)  # fixed, but the backoff has not passed: same answer, no reload
+    with pytest.raises(InvalidAdapterError, match="not valid JSON"):
+        await manager.acquire("bad")
+    await asyncio.sleep(0.25)
+    adapter = await manager.acquire("bad")
+    assert manager.state("bad") is AdapterState.LOADED and manager.failure_counts == {"config": 1}
+    manager.release(adapter)
+
+
+async def test_host_tier_evicts_lru_but_never_in_use(adapters_root, base):
+    manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8, host_capacity=2)
+    held = await manager.acquire("a0")  # stays in use throughout
+    for name in ("a1", "a2", "a3"):
+        manager.release(await manager.acquire(name))
+    assert manager.state("a0") is AdapterState.LOADED
+    assert manager.state("a3") is AdapterState.LOADED
+    assert manager.state("a1") is AdapterState.VERIFIED and manager.state("a2") is AdapterState.VERIFIED
+    assert manager.num_loaded == 2
+    manager.release(held)
+
+
+async def test_unknown_adapter_is_a_lookup_error(adapters_root, base):
+    manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8)
+    with pytest.raises(LookupError):
+        await manager.acquire("missing")
