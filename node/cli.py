@@ -107,9 +107,10 @@ def _register_model(subparsers: argparse._SubParsersAction) -> None:
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Each entry adds one group of subcommands. Packages with commands of their own register here."""
+    from attribution.cli import register_cli as register_chain
     from node.adapters.cli import register_cli as register_adapter
 
-    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags)]
+    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags), register_chain]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from node.adapters.ipfs import IpfsError
     from node.engine import EngineError
 
+    if hasattr(args, "handler"):  # attribution's commands report their own errors and return a status
+        return args.handler(args)
     try:
         args.run(args)
     except (EngineError, AdapterError, IpfsError, ValidationError, OSError) as exc:

@@ -1,0 +1,419 @@
+"""Typed async clients of the OpenLoRA contracts over web3.py's `AsyncWeb3`.
+
+`Chain` owns the connection and sends transactions signed locally (eth-account with the coincurve
+backend); reverts come back as `ContractRevert` carrying the custom error's name and arguments. One small
+client per contract wraps its functions with Python names and types. The dev-chain helpers (time travel,
+snapshots) only work on anvil.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_hash.auto import keccak
+from web3 import AsyncWeb3
+from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.types import TxReceipt
+
+from attribution.artifacts import abi_type, decode_revert, load_artifact
+from attribution.batch import Batch, Tree
+from attribution.eip712 import Domain
+from attribution.errors import ChainError
+
+Totals = tuple[list[tuple[str, int]], list[tuple[int, int, int]]]
+
+
+class Chain:
+    """A connection to an EVM JSON-RPC endpoint and a local transaction signer."""
+
+    def __init__(self, w3: AsyncWeb3, chain_id: int) -> None:
+        self.w3 = w3
+        self.chain_id = chain_id
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    async def connect(cls, rpc_url: str, timeout: float = 10.0) -> Chain:
+        w3 = AsyncWeb3(AsyncWeb3.AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        try:
+            chain_id = await w3.eth.chain_id
+        except Exception as exc:  # connection refused, DNS, timeouts, bad JSON: one user-facing error
+            raise ChainError(f"cannot reach the chain at {rpc_url}: {exc.__class__.__name__}") from exc
+        return cls(w3, chain_id)
+
+    async def close(self) -> None:
+        await self.w3.provider.disconnect()
+
+    async def call(self, fn: Any) -> Any:
+        try:
+            return await fn.call()
+        except ContractLogicError as exc:
+            raise decode_revert(exc.data) from None
+
+    async def transact(self, sender: LocalAccount, fn: Any = None, *, to: str | None = None,
+                       data: str | None = None, gas: int | None = None) -> TxReceipt:
+        """Signs and sends a transaction calling `fn` (or raw `to`/`data`), waits for its receipt.
+        A revert at estimation raises `ContractRevert`; a mined failure raises `ChainError`."""
+        if fn is not None:
+            to, data = fn.address, fn._encode_transaction_data()
+        lock = self._locks.setdefault(sender.address, asyncio.Lock())
+        async with lock:
+            tx: dict[str, Any] = {"from": sender.address, "data": data, "value": 0, "chainId": self.chain_id}
+            if to is not None:
+                tx["to"] = to
+            if gas is None:
+                try:
+                    estimate = await self.w3.eth.estimate_gas(tx)
+                except ContractLogicError as exc:
+                    raise decode_revert(exc.data) from None
+                except Web3RPCError as exc:
+                    raise ChainError(f"transaction rejected: {exc}") from None
+                gas = estimate + estimate // 5 + 10_000
+            tx["gas"] = gas
+            tx["nonce"] = await self.w3.eth.get_transaction_count(sender.address, "pending")
+            tx["gasPrice"] = await self.w3.eth.gas_price
+            signed = Account.sign_transaction(tx, sender.key)
+            tx_hash = await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            receipt = await self.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.02)
+        if receipt["status"] != 1:
+            raise ChainError(f"transaction {tx_hash.hex()} failed on chain")
+        return receipt
+
+    async def deploy(self, sender: LocalAccount, artifact_name: str, *args: Any) -> str:
+        artifact = load_artifact(artifact_name)
+        factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        data = factory.constructor(*args).data_in_transaction
+        receipt = await self.transact(sender, data=data)
+        return receipt["contractAddress"]
+
+    # ----- dev chain (anvil) helpers
+
+    async def rpc(self, method: str, params: Sequence[Any] = ()) -> Any:
+        response = await self.w3.provider.make_request(method, list(params))
+        if "error" in response:
+            raise ChainError(f"{method} failed: {response['error']}")
+        return response.get("result")
+
+    async def timestamp(self) -> int:
+        block = await self.w3.eth.get_block("latest")
+        return int(block["timestamp"])
+
+    async def increase_time(self, seconds: int) -> None:
+        """Moves the dev chain's clock forward and mines a block at the new time."""
+        await self.rpc("evm_increaseTime", [seconds])
+        await self.rpc("evm_mine")
+
+    async def snapshot(self) -> str:
+        return await self.rpc("evm_snapshot")
+
+    async def revert(self, snapshot_id: str) -> None:
+        await self.rpc("evm_revert", [snapshot_id])
+
+
+class ContractClient:
+    """Base of the typed clients: a contract instance bound to a `Chain`."""
+
+    artifact = ""
+
+    def __init__(self, chain: Chain, address: str) -> None:
+        self.chain = chain
+        self.address = AsyncWeb3.to_checksum_address(address)
+        self.contract = chain.w3.eth.contract(address=self.address, abi=load_artifact(self.artifact).abi)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        return await self.chain.call(self.contract.functions[name](*args))
+
+    async def _send(self, sender: LocalAccount, name: str, *args: Any, gas: int | None = None) -> TxReceipt:
+        return await self.chain.transact(sender, self.contract.functions[name](*args), gas=gas)
+
+    def events(self, receipt: TxReceipt, name: str) -> list[dict[str, Any]]:
+        """Decoded `name` events this contract emitted in `receipt`."""
+        event = self.contract.events[name]()
+        ours = [log for log in receipt["logs"] if log["address"] == self.address]
+        return [dict(event.process_log(log)["args"]) for log in ours if log["topics"][0] == self._topic(name)]
+
+    def _topic(self, name: str) -> bytes:
+        abi = next(item for item in self.contract.abi if item.get("type") == "event" and item["name"] == name)
+        types = ",".join(abi_type(p) for p in abi["inputs"])
+        return keccak(f"{name}({types})".encode())
+
+
+class OpenTokenClient(ContractClient):
+    artifact = "OpenToken"
+
+    async def balance_of(self, account: str) -> int:
+        return await self._call("balanceOf", account)
+
+    async def total_supply(self) -> int:
+        return await self._call("totalSupply")
+
+    async def allowance(self, owner: str, spender: str) -> int:
+        return await self._call("allowance", owner, spender)
+
+    async def nonces(self, owner: str) -> int:
+        return await self._call("nonces", owner)
+
+    async def mint(self, sender: LocalAccount, to: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "mint", to, amount)
+
+    async def approve(self, sender: LocalAccount, spender: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "approve", spender, amount)
+
+    async def transfer(self, sender: LocalAccount, to: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "transfer", to, amount)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    owner: str
+    base_model: bytes
+    cid: str
+    version_count: int
+
+
+@dataclass(frozen=True)
+class AdapterTerms:
+    since: int
+    retired: bool
+    price_in: int
+    price_out: int
+
+
+class AdapterRegistryClient(ContractClient):
+    artifact = "AdapterRegistry"
+
+    async def register(self, sender: LocalAccount, cid: str, base_model: bytes, price_in: int, price_out: int,
+                       contributors: Sequence[str], shares_bps: Sequence[int]) -> int:
+        """Registers an adapter owned by `sender`; returns its id."""
+        receipt = await self._send(sender, "register", cid, base_model, price_in, price_out,
+                                   list(contributors), list(shares_bps))
+        return self.events(receipt, "AdapterRegistered")[0]["adapterId"]
+
+    async def update_prices(self, sender: LocalAccount, adapter_id: int, price_in: int, price_out: int) -> TxReceipt:
+        return await self._send(sender, "updatePrices", adapter_id, price_in, price_out)
+
+    async def update_shares(self, sender: LocalAccount, adapter_id: int, contributors: Sequence[str],
+                            shares_bps: Sequence[int]) -> TxReceipt:
+        return await self._send(sender, "updateShares", adapter_id, list(contributors), list(shares_bps))
+
+    async def retire(self, sender: LocalAccount, adapter_id: int) -> TxReceipt:
+        return await self._send(sender, "retire", adapter_id)
+
+    async def transfer_ownership(self, sender: LocalAccount, adapter_id: int, new_owner: str) -> TxReceipt:
+        return await self._send(sender, "transferAdapterOwnership", adapter_id, new_owner)
+
+    async def adapter_count(self) -> int:
+        return await self._call("adapterCount")
+
+    async def adapter_id_of(self, cid: str) -> int:
+        return await self._call("adapterIdOf", cid)
+
+    async def adapter(self, adapter_id: int) -> AdapterInfo:
+        return AdapterInfo(*await self._call("adapter", adapter_id))
+
+    async def terms(self, adapter_id: int, version: int) -> AdapterTerms:
+        return AdapterTerms(*await self._call("terms", adapter_id, version))
+
+    async def split(self, adapter_id: int, version: int) -> tuple[list[str], list[int]]:
+        contributors, shares = await self._call("split", adapter_id, version)
+        return list(contributors), list(shares)
+
+    async def version_at(self, adapter_id: int, timestamp: int) -> tuple[int, AdapterTerms] | None:
+        """(version, terms) in force at `timestamp`, None before registration or for unknown ids."""
+        found, version, retired, price_in, price_out = await self._call("versionAt", adapter_id, timestamp)
+        if not found:
+            return None
+        return version, AdapterTerms(0, retired, price_in, price_out)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    registered: bool
+    signer: str
+    stake: int
+    unbonding: int
+    unbonding_end: int
+    endpoint: str
+
+
+class NodeRegistryClient(ContractClient):
+    artifact = "NodeRegistry"
+
+    async def register(self, sender: LocalAccount, signer: str, endpoint: str, fee_per_token: int,
+                       stake: int) -> TxReceipt:
+        return await self._send(sender, "register", signer, endpoint, fee_per_token, stake)
+
+    async def add_stake(self, sender: LocalAccount, amount: int) -> TxReceipt:
+        return await self._send(sender, "addStake", amount)
+
+    async def set_signer(self, sender: LocalAccount, signer: str) -> TxReceipt:
+        return await self._send(sender, "setSigner", signer)
+
+    async def set_endpoint(self, sender: LocalAccount, endpoint: str) -> TxReceipt:
+        return await self._send(sender, "setEndpoint", endpoint)
+
+    async def set_fee(self, sender: LocalAccount, fee_per_token: int) -> TxReceipt:
+        return await self._send(sender, "setFee", fee_per_token)
+
+    async def unbond(self, sender: LocalAccount, amount: int) -> TxReceipt:
+        return await self._send(sender, "unbond", amount)
+
+    async def withdraw_unbonded(self, sender: LocalAccount) -> TxReceipt:
+        return await self._send(sender, "withdrawUnbonded")
+
+    async def node_of(self, node: str) -> NodeInfo:
+        return NodeInfo(*await self._call("nodeOf", node))
+
+    async def is_active(self, node: str) -> bool:
+        return await self._call("isActive", node)
+
+    async def fee_at(self, node: str, timestamp: int) -> int | None:
+        found, fee = await self._call("feeAt", node, timestamp)
+        return fee if found else None
+
+    async def min_stake(self) -> int:
+        return await self._call("minStake")
+
+
+@dataclass(frozen=True)
+class EscrowAccount:
+    balance: int
+    thawing: int
+    thaw_end: int
+
+
+class PaymentEscrowClient(ContractClient):
+    artifact = "PaymentEscrow"
+
+    async def deposit(self, sender: LocalAccount, amount: int) -> TxReceipt:
+        return await self._send(sender, "deposit", amount)
+
+    async def deposit_for(self, sender: LocalAccount, payer: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "depositFor", payer, amount)
+
+    async def deposit_with_permit(self, sender: LocalAccount, amount: int, deadline: int, v: int, r: bytes,
+                                  s: bytes) -> TxReceipt:
+        return await self._send(sender, "depositWithPermit", amount, deadline, v, r, s)
+
+    async def request_withdrawal(self, sender: LocalAccount, amount: int) -> TxReceipt:
+        return await self._send(sender, "requestWithdrawal", amount)
+
+    async def withdraw(self, sender: LocalAccount, to: str | None = None) -> TxReceipt:
+        return await self._send(sender, "withdraw", to or sender.address)
+
+    async def authorize_signer(self, sender: LocalAccount, signer: str) -> TxReceipt:
+        return await self._send(sender, "authorizeSigner", signer)
+
+    async def revoke_signer(self, sender: LocalAccount, signer: str) -> TxReceipt:
+        return await self._send(sender, "revokeSigner", signer)
+
+    async def account_of(self, payer: str) -> EscrowAccount:
+        return EscrowAccount(*await self._call("accountOf", payer))
+
+    async def is_authorized(self, payer: str, signer: str, timestamp: int) -> bool:
+        return await self._call("isAuthorized", payer, signer, timestamp)
+
+    async def total_locked(self) -> int:
+        return await self._call("totalLocked")
+
+
+@dataclass(frozen=True)
+class BatchHeader:
+    node: str
+    committed_at: int
+    depth: int
+    status: int  # 0 none, 1 pending, 2 finalized, 3 voided
+    payer_root: bytes
+    adapter_root: bytes
+    payer_sum: int
+    adapter_sum: int
+    totals_hash: bytes
+
+
+class UsageSettlementClient(ContractClient):
+    artifact = "UsageSettlement"
+
+    PENDING, FINALIZED, VOIDED = 1, 2, 3
+
+    async def domain(self) -> Domain:
+        return Domain(self.chain.chain_id, self.address)
+
+    async def commit_batch(self, sender: LocalAccount, node: str, batch: Batch, cid: str) -> tuple[int, TxReceipt]:
+        """Commits `batch` for `node`; returns (batch id, receipt)."""
+        receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid), batch.totals())
+        return self.events(receipt, "BatchCommitted")[0]["batchId"], receipt
+
+    async def finalize_batch(self, sender: LocalAccount, batch_id: int, totals: Totals) -> TxReceipt:
+        return await self._send(sender, "finalizeBatch", batch_id, totals)
+
+    async def distribute(self, sender: LocalAccount, adapter_id: int, version: int) -> TxReceipt:
+        return await self._send(sender, "distributeAdapterRevenue", adapter_id, version)
+
+    async def claim(self, sender: LocalAccount, to: str | None = None) -> TxReceipt:
+        return await self._send(sender, "claim", to or sender.address)
+
+    # Fraud proofs: each returns the receipt of the voiding transaction.
+
+    async def prove_invalid_record(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
+                                   index: int) -> TxReceipt:
+        return await self._send(sender, "proveInvalidRecord", batch_id, batch.totals(), int(tree),
+                                batch.leaf_proof(tree, index))
+
+    async def prove_leaf_sum_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
+                                      index: int) -> TxReceipt:
+        claimed = batch.tree(tree).node(0, index).sum
+        return await self._send(sender, "proveLeafSumMismatch", batch_id, batch.totals(), int(tree),
+                                batch.leaf_proof(tree, index), claimed)
+
+    async def prove_node_sum_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
+                                      level: int, index: int) -> TxReceipt:
+        node, siblings = batch.node_proof(tree, level, index)
+        t = batch.tree(tree)
+        left, right = t.node(level - 1, 2 * index), t.node(level - 1, 2 * index + 1)
+        return await self._send(sender, "proveNodeSumMismatch", batch_id, batch.totals(), int(tree), level, index,
+                                node, siblings, left.as_tuple(), right.as_tuple())
+
+    async def prove_misorder(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
+                             index: int) -> TxReceipt:
+        return await self._send(sender, "proveMisorder", batch_id, batch.totals(), int(tree),
+                                batch.leaf_proof(tree, index), batch.leaf_proof(tree, index + 1))
+
+    async def prove_total_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
+                                   entry: int) -> TxReceipt:
+        lower, upper = batch.total_boundaries(tree, entry)
+        return await self._send(sender, "proveTotalMismatch", batch_id, batch.totals(), int(tree), entry,
+                                lower, upper)
+
+    async def prove_missing_record(self, sender: LocalAccount, batch_id: int, batch: Batch, source: Tree,
+                                   index: int) -> TxReceipt:
+        leaf = batch.leaves(source)[index]
+        return await self._send(sender, "proveMissingRecord", batch_id, batch.totals(), int(source),
+                                batch.leaf_proof(source, index), batch.missing_slot(source.other, leaf))
+
+    async def prove_duplicate(self, sender: LocalAccount, batch_id: int, batch: Batch, index: int,
+                              other_batch_id: int, other_batch: Batch, other_index: int) -> TxReceipt:
+        return await self._send(sender, "proveDuplicate", batch_id, batch.totals(),
+                                batch.leaf_proof(Tree.PAYER, index), other_batch_id,
+                                other_batch.leaf_proof(Tree.PAYER, other_index))
+
+    # Views
+
+    async def batch_of(self, batch_id: int) -> BatchHeader:
+        return BatchHeader(*await self._call("batchOf", batch_id))
+
+    async def batch_count(self) -> int:
+        return await self._call("batchCount")
+
+    async def claimable_of(self, account: str) -> int:
+        return await self._call("claimableOf", account)
+
+    async def undistributed_of(self, adapter_id: int, version: int) -> int:
+        return await self._call("undistributedOf", adapter_id, version)
+
+    async def check_leaf(self, node: str, committed_at: int, leaf_abi: tuple[Any, ...]) -> int:
+        """The contract's verdict on a leaf (the `Fraud` enum value, 0 = valid)."""
+        return await self._call("checkLeaf", node, committed_at, leaf_abi)

@@ -1,0 +1,729 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.30;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {AdapterRegistry} from "./AdapterRegistry.sol";
+import {NodeRegistry} from "./NodeRegistry.sol";
+import {PaymentEscrow} from "./PaymentEscrow.sol";
+import {
+    AdapterTotal,
+    BatchTotals,
+    InferenceRequest,
+    Leaf,
+    PayerTotal,
+    SumNode,
+    UsageRecord,
+    UsageTypes
+} from "./UsageTypes.sol";
+
+/// @title UsageSettlement
+/// @notice Batched settlement of signed usage records with fraud proofs.
+///
+/// A node commits a batch as two Merkle-sum trees over the same leaves (signed request + usage record):
+/// the *payer tree* sorted by (payer, nonce) whose sums are charges, and the *adapter tree* sorted by
+/// (adapterId, termsVersion, payer, nonce) whose sums are adapter amounts. With the roots it commits the
+/// per-payer charges and the per-(adapter, version) revenues; each is a contiguous range of one tree, so a
+/// wrong total is provable from two boundaries of O(log n) data. Every other cheat (a bad signature, a
+/// charge above the cap or not price x tokens, an expired or misdirected request, a duplicated nonce, a
+/// sum node that is not the sum of its children, leaves out of order, a record missing from the other
+/// tree) is provable from one or two leaves and their paths. A proof voids the batch, refunds its payers
+/// and slashes the node, part to the challenger. After the challenge window anyone finalizes: the adapter
+/// revenue waits for {distributeAdapterRevenue}, fees go to claimable balances, and everything is pulled
+/// with {claim}.
+contract UsageSettlement is EIP712, ReentrancyGuardTransient {
+    using SafeERC20 for IERC20;
+
+    uint256 private constant _BPS = 10_000;
+    uint256 private constant _MAX_DEPTH = 32;
+
+    enum Tree {
+        Payer,
+        Adapter
+    }
+
+    enum Status {
+        None,
+        Pending,
+        Finalized,
+        Voided
+    }
+
+    enum Fraud {
+        None,
+        WrongNode,
+        RecordMismatch,
+        BadSignature,
+        OutsideDeadline,
+        OverCap,
+        WrongPrice,
+        SumMismatch,
+        Misordered,
+        TotalMismatch,
+        MissingRecord,
+        DuplicateNonce
+    }
+
+    struct Config {
+        IERC20 token;
+        PaymentEscrow escrow;
+        NodeRegistry nodes;
+        AdapterRegistry adapters;
+        address treasury;
+        uint64 challengeWindow;
+        uint64 maxRequestTtl;
+        uint16 protocolFeeBps;
+        uint16 slashBps;
+        uint16 challengerRewardBps;
+    }
+
+    /// @notice What a node commits besides the totals. `count` and `cid` are informational (events).
+    struct Commitment {
+        bytes32 payerRoot;
+        uint128 payerSum;
+        bytes32 adapterRoot;
+        uint128 adapterSum;
+        uint8 depth;
+        uint32 count;
+        string cid;
+    }
+
+    struct Revenue {
+        uint128 earned;
+        uint128 distributed;
+    }
+
+    struct Batch {
+        address node;
+        uint64 committedAt;
+        uint8 depth;
+        Status status;
+        bytes32 payerRoot;
+        bytes32 adapterRoot;
+        uint128 payerSum;
+        uint128 adapterSum;
+        bytes32 totalsHash;
+    }
+
+    /// @notice A leaf (or an empty padding leaf) at `index` and its sibling path, bottom up.
+    struct LeafProof {
+        uint256 index;
+        bool empty;
+        Leaf leaf;
+        SumNode[] siblings;
+    }
+
+    /// @notice A position between leaves `position - 1` (`before`) and `position` (`at`); `before` is
+    /// ignored at position 0 and `at` at position 2^depth.
+    struct Boundary {
+        uint256 position;
+        LeafProof before;
+        LeafProof at;
+    }
+
+    IERC20 public immutable token;
+    PaymentEscrow public immutable escrow;
+    NodeRegistry public immutable nodes;
+    AdapterRegistry public immutable adapters;
+    address public immutable treasury;
+    uint64 public immutable challengeWindow;
+    /// @notice A record must be served within [deadline - maxRequestTtl, deadline] of its request.
+    uint64 public immutable maxRequestTtl;
+    uint16 public immutable protocolFeeBps;
+    uint16 public immutable slashBps;
+    uint16 public immutable challengerRewardBps;
+
+    uint256 private _batchCount;
+    mapping(uint256 batchId => Batch) private _batches;
+    mapping(address account => uint256) private _claimable;
+    /// @dev Per (adapter, version): revenue earned by finalized batches and the part already distributed.
+    /// Both only grow, so after the first batch a finalize updates a non-zero slot (5,000 gas, not 22,100).
+    mapping(uint64 adapterId => mapping(uint32 version => Revenue)) private _revenue;
+
+    event BatchCommitted(
+        uint256 indexed batchId,
+        address indexed node,
+        bytes32 payerRoot,
+        bytes32 adapterRoot,
+        uint128 payerSum,
+        uint128 adapterSum,
+        uint32 count,
+        uint8 depth,
+        string cid
+    );
+    event BatchFinalized(uint256 indexed batchId, uint256 adapterRevenue, uint256 nodeFee, uint256 protocolFee);
+    event BatchVoided(uint256 indexed batchId, address indexed challenger, Fraud reason, uint256 slashed, uint256 reward);
+    event AdapterRevenueDistributed(uint64 indexed adapterId, uint32 indexed version, uint256 amount);
+    event Claimed(address indexed account, address indexed to, uint256 amount);
+
+    error UsageSettlementBadConfig(uint256 code);
+    error UsageSettlementNotNodeOrSigner(address node, address caller);
+    error UsageSettlementNodeInactive(address node);
+    error UsageSettlementBadShape(uint32 count, uint8 depth);
+    error UsageSettlementEmptyBatch();
+    error UsageSettlementPayersNotSorted(uint256 index);
+    error UsageSettlementAdaptersNotSorted(uint256 index);
+    error UsageSettlementSumMismatch(Tree tree, uint256 totals, uint256 rootSum);
+    error UsageSettlementAdapterSumTooHigh(uint256 adapterSum, uint256 payerSum);
+    error UsageSettlementUnknownBatch(uint256 batchId);
+    error UsageSettlementNotPending(uint256 batchId, Status status);
+    error UsageSettlementTotalsMismatch(uint256 batchId, bytes32 expected, bytes32 given);
+    error UsageSettlementChallengeWindowOpen(uint256 batchId, uint256 endsAt);
+    error UsageSettlementChallengeWindowClosed(uint256 batchId, uint256 endedAt);
+    error UsageSettlementNothingToClaim(address account);
+    error UsageSettlementNothingToDistribute(uint64 adapterId, uint32 version);
+    error UsageSettlementBadProofLength(uint256 expected, uint256 given);
+    error UsageSettlementIndexOutOfRange(uint256 index, uint256 level);
+    error UsageSettlementInvalidProof(Tree tree, bytes32 root, uint256 sum);
+    error UsageSettlementEmptyLeaf(uint256 index);
+    error UsageSettlementRecordValid(uint256 index);
+    error UsageSettlementSumCorrect(uint256 sum);
+    error UsageSettlementBadLevel(uint256 level);
+    error UsageSettlementInvalidPreimage(bytes32 hash);
+    error UsageSettlementNotAdjacent(uint256 first, uint256 second);
+    error UsageSettlementOrderCorrect(uint256 first, uint256 second);
+    error UsageSettlementEntryOutOfRange(uint256 entry, uint256 length);
+    error UsageSettlementBadBoundary(uint256 position);
+    error UsageSettlementTotalCorrect(uint256 total);
+    error UsageSettlementRecordPresent(uint256 index);
+    error UsageSettlementNotComparable(uint256 batchId);
+    error UsageSettlementDifferentNodes(address node, address otherNode);
+    error UsageSettlementSameLeaf(uint256 batchId, uint256 index);
+    error UsageSettlementNotDuplicate(address payer, uint64 nonce);
+
+    /// @param config Contract addresses and economic parameters; the escrow and the node registry must
+    /// name this contract as their settlement, and both delays must outlast the challenge window.
+    constructor(Config memory config) EIP712("OpenLoRA", "1") {
+        if (config.protocolFeeBps > _BPS || config.slashBps > _BPS || config.challengerRewardBps > _BPS) {
+            revert UsageSettlementBadConfig(1);
+        }
+        if (config.escrow.settlement() != address(this) || config.nodes.settlement() != address(this)) {
+            revert UsageSettlementBadConfig(2);
+        }
+        if (config.escrow.token() != config.token || config.nodes.token() != config.token) {
+            revert UsageSettlementBadConfig(3);
+        }
+        if (config.escrow.thawPeriod() <= config.challengeWindow || config.nodes.unbondingDelay() <= config.challengeWindow) {
+            revert UsageSettlementBadConfig(4);
+        }
+        token = config.token;
+        escrow = config.escrow;
+        nodes = config.nodes;
+        adapters = config.adapters;
+        treasury = config.treasury;
+        challengeWindow = config.challengeWindow;
+        maxRequestTtl = config.maxRequestTtl;
+        protocolFeeBps = config.protocolFeeBps;
+        slashBps = config.slashBps;
+        challengerRewardBps = config.challengerRewardBps;
+    }
+
+    // ------------------------------------------------------------------ commit and finalize
+
+    /// @notice Commits a batch of `node`'s usage records and locks each payer's charge in the escrow.
+    /// Callable by the node or its signer key while the node is active.
+    /// @param c Roots and sums of the two trees, tree depth, record count and the batch file's CID.
+    /// @param totals Per-payer charges (sorted by payer) and per-(adapter, version) revenues (sorted).
+    /// @return batchId The new batch's id (ids start at 1).
+    function commitBatch(address node, Commitment calldata c, BatchTotals calldata totals)
+        external
+        nonReentrant
+        returns (uint256 batchId)
+    {
+        (bool active, address signer) = nodes.commitInfo(node);
+        if (msg.sender != node && msg.sender != signer) revert UsageSettlementNotNodeOrSigner(node, msg.sender);
+        if (!active) revert UsageSettlementNodeInactive(node);
+        if (c.count == 0 || c.depth > _MAX_DEPTH || c.count > (uint256(1) << c.depth)) {
+            revert UsageSettlementBadShape(c.count, c.depth);
+        }
+        if (totals.payers.length == 0) revert UsageSettlementEmptyBatch();
+        uint256 payerSum = _sumPayers(totals.payers);
+        if (payerSum != c.payerSum) revert UsageSettlementSumMismatch(Tree.Payer, payerSum, c.payerSum);
+        uint256 adapterSum = _sumAdapters(totals.adapters);
+        if (adapterSum != c.adapterSum) revert UsageSettlementSumMismatch(Tree.Adapter, adapterSum, c.adapterSum);
+        if (adapterSum > payerSum) revert UsageSettlementAdapterSumTooHigh(adapterSum, payerSum);
+
+        batchId = ++_batchCount;
+        _batches[batchId] = Batch({
+            node: node,
+            committedAt: uint64(block.timestamp),
+            depth: c.depth,
+            status: Status.Pending,
+            payerRoot: c.payerRoot,
+            adapterRoot: c.adapterRoot,
+            payerSum: c.payerSum,
+            adapterSum: c.adapterSum,
+            totalsHash: keccak256(abi.encode(totals))
+        });
+        emit BatchCommitted(
+            batchId, node, c.payerRoot, c.adapterRoot, c.payerSum, c.adapterSum, c.count, c.depth, c.cid
+        );
+        escrow.lock(totals.payers);
+    }
+
+    /// @notice Finalizes a batch whose challenge window has passed: credits each (adapter, version) with
+    /// its revenue, the node with its fee and the treasury with the protocol's share (all minus nothing
+    /// else), and moves the batch's locked funds here. Callable by anyone.
+    function finalizeBatch(uint256 batchId, BatchTotals calldata totals) external nonReentrant {
+        Batch storage b = _pending(batchId, totals);
+        uint256 endsAt = uint256(b.committedAt) + challengeWindow;
+        if (block.timestamp < endsAt) revert UsageSettlementChallengeWindowOpen(batchId, endsAt);
+        b.status = Status.Finalized;
+
+        uint256 adapterRevenue = 0;
+        AdapterTotal[] calldata entries = totals.adapters;
+        for (uint256 i = 0; i < entries.length; ++i) {
+            uint256 net = entries[i].amount - (uint256(entries[i].amount) * protocolFeeBps) / _BPS;
+            // net <= amount < 2^128; earned would need 2^128 wei of OPEN to overflow (checked anyway).
+            _revenue[entries[i].adapterId][entries[i].termsVersion].earned += uint128(net);
+            adapterRevenue += net;
+        }
+        uint256 payerSum = b.payerSum;
+        uint256 nodeGross = payerSum - b.adapterSum;
+        uint256 nodeFee = nodeGross - (nodeGross * protocolFeeBps) / _BPS;
+        uint256 protocolFee = payerSum - adapterRevenue - nodeFee;
+        _claimable[b.node] += nodeFee;
+        _claimable[treasury] += protocolFee;
+        emit BatchFinalized(batchId, adapterRevenue, nodeFee, protocolFee);
+        escrow.settle(payerSum);
+    }
+
+    /// @notice Moves the finalized, undistributed revenue of an (adapter, version) to its contributors'
+    /// claimable balances by the version's basis-point split; the rounding remainder goes to the first
+    /// contributor. Callable by anyone.
+    function distributeAdapterRevenue(uint64 adapterId, uint32 version) external {
+        Revenue storage revenue = _revenue[adapterId][version];
+        uint256 amount = revenue.earned - revenue.distributed;
+        if (amount == 0) revert UsageSettlementNothingToDistribute(adapterId, version);
+        (address[] memory contributors, uint16[] memory sharesBps) = adapters.split(adapterId, version);
+        revenue.distributed = revenue.earned;
+        uint256 rest = amount;
+        for (uint256 i = 1; i < contributors.length; ++i) {
+            uint256 part = (amount * sharesBps[i]) / _BPS;
+            _claimable[contributors[i]] += part;
+            rest -= part;
+        }
+        _claimable[contributors[0]] += rest;
+        emit AdapterRevenueDistributed(adapterId, version, amount);
+    }
+
+    /// @notice Sends the caller's whole claimable balance (fees, revenue shares, rewards) to `to`.
+    function claim(address to) external nonReentrant returns (uint256 amount) {
+        amount = _claimable[msg.sender];
+        if (amount == 0) revert UsageSettlementNothingToClaim(msg.sender);
+        _claimable[msg.sender] = 0;
+        emit Claimed(msg.sender, to, amount);
+        token.safeTransfer(to, amount);
+    }
+
+    // ------------------------------------------------------------------ fraud proofs
+
+    /// @notice Proves a leaf breaks a record rule (see {checkLeaf}): wrong node, record not matching its
+    /// request, payer signature not by the payer or an authorised signer (or high-s), served outside its
+    /// deadline window, above its caps, or not priced by the terms in force when served.
+    function proveInvalidRecord(uint256 batchId, BatchTotals calldata totals, Tree tree, LeafProof calldata proof)
+        external
+        nonReentrant
+    {
+        Batch storage b = _challengeable(batchId, totals);
+        if (proof.empty) revert UsageSettlementEmptyLeaf(proof.index);
+        _verifyLeaf(b, tree, proof);
+        Fraud reason = _recordFraud(b.node, b.committedAt, proof.leaf);
+        if (reason == Fraud.None) revert UsageSettlementRecordValid(proof.index);
+        _void(batchId, b, totals, reason);
+    }
+
+    /// @notice Proves a leaf node whose sum is not its record's amount (or an empty leaf with a sum).
+    /// @param claimedSum The sum the tree carries for the leaf.
+    function proveLeafSumMismatch(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        Tree tree,
+        LeafProof calldata proof,
+        uint256 claimedSum
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        bytes32 hash = proof.empty ? bytes32(0) : UsageTypes.leafHash(proof.leaf);
+        uint256 actual = proof.empty ? 0 : _leafSum(tree, proof.leaf);
+        if (claimedSum == actual) revert UsageSettlementSumCorrect(actual);
+        _verifyNode(b, tree, 0, proof.index, SumNode(hash, claimedSum), proof.siblings);
+        _void(batchId, b, totals, Fraud.SumMismatch);
+    }
+
+    /// @notice Proves an internal node whose sum is not the sum of its children's.
+    /// @param level Height of the node (1 = parent of leaves, depth = root).
+    function proveNodeSumMismatch(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        Tree tree,
+        uint256 level,
+        uint256 index,
+        SumNode calldata node,
+        SumNode[] calldata siblings,
+        SumNode calldata left,
+        SumNode calldata right
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        if (level == 0 || level > b.depth) revert UsageSettlementBadLevel(level);
+        _verifyNode(b, tree, level, index, node, siblings);
+        if (_hashPair(left.hash, left.sum, right.hash, right.sum) != node.hash) {
+            revert UsageSettlementInvalidPreimage(node.hash);
+        }
+        if (left.sum <= node.sum && right.sum == node.sum - left.sum) revert UsageSettlementSumCorrect(node.sum);
+        _void(batchId, b, totals, Fraud.SumMismatch);
+    }
+
+    /// @notice Proves two adjacent leaves out of strict key order, or a record after an empty leaf.
+    /// Strict order in the payer tree also makes a nonce used twice in one batch provable here.
+    function proveMisorder(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        Tree tree,
+        LeafProof calldata first,
+        LeafProof calldata second
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        if (second.index != first.index + 1) revert UsageSettlementNotAdjacent(first.index, second.index);
+        _verifyLeaf(b, tree, first);
+        _verifyLeaf(b, tree, second);
+        bool misordered;
+        if (second.empty) misordered = false;
+        else if (first.empty) misordered = true;
+        else misordered = !_less(tree, first.leaf, second.leaf);
+        if (!misordered) revert UsageSettlementOrderCorrect(first.index, second.index);
+        _void(batchId, b, totals, Fraud.Misordered);
+    }
+
+    /// @notice Proves a committed total is not the sum of its range of the tree: the payer entry's range
+    /// in the payer tree, or the (adapter, version) entry's range in the adapter tree. `lower` and `upper`
+    /// are the first positions whose group is >= the entry's group and > it.
+    function proveTotalMismatch(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        Tree tree,
+        uint256 entry,
+        Boundary calldata lower,
+        Boundary calldata upper
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        (uint256 group, uint256 claimed) = _entry(totals, tree, entry);
+        uint256 start = _boundary(b, tree, lower, group);
+        uint256 end = _boundary(b, tree, upper, group + 1);
+        if (upper.position < lower.position || end < start) revert UsageSettlementBadBoundary(upper.position);
+        if (end - start == claimed) revert UsageSettlementTotalCorrect(claimed);
+        _void(batchId, b, totals, Fraud.TotalMismatch);
+    }
+
+    /// @notice Proves a record of tree `from` is missing from the other tree: `slot` is where its key
+    /// would be there, and holds neither it nor its key (or holds its key with other contents).
+    function proveMissingRecord(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        Tree from,
+        LeafProof calldata present,
+        Boundary calldata slot
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        if (present.empty) revert UsageSettlementEmptyLeaf(present.index);
+        _verifyLeaf(b, from, present);
+        Tree to = from == Tree.Payer ? Tree.Adapter : Tree.Payer;
+        uint256 width = uint256(1) << b.depth;
+        if (slot.position > width) revert UsageSettlementBadBoundary(slot.position);
+        if (slot.position > 0) {
+            _checkBoundaryLeaf(b, to, slot.before, slot.position - 1);
+            if (!_less(to, slot.before.leaf, present.leaf)) revert UsageSettlementBadBoundary(slot.position);
+        }
+        if (slot.position < width) {
+            if (slot.at.index != slot.position) revert UsageSettlementBadBoundary(slot.position);
+            _verifyLeaf(b, to, slot.at);
+            if (!slot.at.empty) {
+                if (_less(to, slot.at.leaf, present.leaf)) revert UsageSettlementBadBoundary(slot.position);
+                if (UsageTypes.leafHash(slot.at.leaf) == UsageTypes.leafHash(present.leaf)) {
+                    revert UsageSettlementRecordPresent(slot.position);
+                }
+            }
+        }
+        _void(batchId, b, totals, Fraud.MissingRecord);
+    }
+
+    /// @notice Proves the same (payer, nonce) served twice by one node: a leaf of this batch and another
+    /// leaf of this or another (pending or finalized) batch of the same node, both in payer trees.
+    function proveDuplicate(
+        uint256 batchId,
+        BatchTotals calldata totals,
+        LeafProof calldata proof,
+        uint256 otherBatchId,
+        LeafProof calldata other
+    ) external nonReentrant {
+        Batch storage b = _challengeable(batchId, totals);
+        Batch storage ob = _batches[otherBatchId];
+        if (ob.status != Status.Pending && ob.status != Status.Finalized) revert UsageSettlementNotComparable(otherBatchId);
+        if (ob.node != b.node) revert UsageSettlementDifferentNodes(b.node, ob.node);
+        if (otherBatchId == batchId && other.index == proof.index) revert UsageSettlementSameLeaf(batchId, proof.index);
+        if (proof.empty) revert UsageSettlementEmptyLeaf(proof.index);
+        if (other.empty) revert UsageSettlementEmptyLeaf(other.index);
+        _verifyLeaf(b, Tree.Payer, proof);
+        _verifyLeaf(ob, Tree.Payer, other);
+        InferenceRequest calldata r1 = proof.leaf.request;
+        InferenceRequest calldata r2 = other.leaf.request;
+        if (r1.payer != r2.payer || r1.nonce != r2.nonce) revert UsageSettlementNotDuplicate(r1.payer, r1.nonce);
+        _void(batchId, b, totals, Fraud.DuplicateNonce);
+    }
+
+    // ------------------------------------------------------------------ views
+
+    /// @notice Number of batches committed so far (the highest id).
+    function batchCount() external view returns (uint256) {
+        return _batchCount;
+    }
+
+    /// @notice The stored header of a batch.
+    function batchOf(uint256 batchId) external view returns (Batch memory) {
+        return _batches[batchId];
+    }
+
+    /// @notice Claimable balance of an account.
+    function claimableOf(address account) external view returns (uint256) {
+        return _claimable[account];
+    }
+
+    /// @notice Finalized revenue of an (adapter, version) not yet distributed to its contributors.
+    function undistributedOf(uint64 adapterId, uint32 version) external view returns (uint256) {
+        Revenue storage revenue = _revenue[adapterId][version];
+        return revenue.earned - revenue.distributed;
+    }
+
+    /// @notice EIP-712 struct hash of a request.
+    function hashRequest(InferenceRequest calldata request) external pure returns (bytes32) {
+        return UsageTypes.hash(request);
+    }
+
+    /// @notice EIP-712 struct hash of a usage record.
+    function hashUsageRecord(UsageRecord calldata record) external pure returns (bytes32) {
+        return UsageTypes.hash(record);
+    }
+
+    /// @notice EIP-712 digest (what the payer signs) of a request under this contract's domain.
+    function requestDigest(InferenceRequest calldata request) external view returns (bytes32) {
+        return _hashTypedDataV4(UsageTypes.hash(request));
+    }
+
+    /// @notice EIP-712 digest (what the node signs) of a usage record under this contract's domain.
+    function usageRecordDigest(UsageRecord calldata record) external view returns (bytes32) {
+        return _hashTypedDataV4(UsageTypes.hash(record));
+    }
+
+    /// @notice Recovers the signer of a request; reverts on malformed or high-s signatures.
+    function recoverRequestSigner(InferenceRequest calldata request, uint8 v, bytes32 r, bytes32 s)
+        external
+        view
+        returns (address)
+    {
+        return ECDSA.recover(_hashTypedDataV4(UsageTypes.hash(request)), v, r, s);
+    }
+
+    /// @notice Double-hashed leaf of a batch tree.
+    function leafHash(Leaf calldata leaf) external pure returns (bytes32) {
+        return UsageTypes.leafHash(leaf);
+    }
+
+    /// @notice The first record rule `leaf` breaks if `node` committed it at `committedAt` (None if none).
+    function checkLeaf(address node, uint64 committedAt, Leaf calldata leaf) external view returns (Fraud) {
+        return _recordFraud(node, committedAt, leaf);
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    function _sumPayers(PayerTotal[] calldata entries) private pure returns (uint256 sum) {
+        address previous = address(0);
+        for (uint256 i = 0; i < entries.length; ++i) {
+            if (entries[i].payer <= previous) revert UsageSettlementPayersNotSorted(i);
+            previous = entries[i].payer;
+            sum += entries[i].amount;
+        }
+    }
+
+    function _sumAdapters(AdapterTotal[] calldata entries) private pure returns (uint256 sum) {
+        uint256 previous = 0;
+        for (uint256 i = 0; i < entries.length; ++i) {
+            uint256 key = (uint256(entries[i].adapterId) << 32) | entries[i].termsVersion;
+            // Ids start at 1, so key 0 is below every valid entry.
+            if (key <= previous) revert UsageSettlementAdaptersNotSorted(i);
+            previous = key;
+            sum += entries[i].amount;
+        }
+    }
+
+    function _pending(uint256 batchId, BatchTotals calldata totals) private view returns (Batch storage b) {
+        b = _batches[batchId];
+        if (b.status == Status.None) revert UsageSettlementUnknownBatch(batchId);
+        if (b.status != Status.Pending) revert UsageSettlementNotPending(batchId, b.status);
+        bytes32 given = keccak256(abi.encode(totals));
+        if (given != b.totalsHash) revert UsageSettlementTotalsMismatch(batchId, b.totalsHash, given);
+    }
+
+    function _challengeable(uint256 batchId, BatchTotals calldata totals) private view returns (Batch storage b) {
+        b = _pending(batchId, totals);
+        uint256 endsAt = uint256(b.committedAt) + challengeWindow;
+        if (block.timestamp >= endsAt) revert UsageSettlementChallengeWindowClosed(batchId, endsAt);
+    }
+
+    /// @dev Voids a pending batch: refund its payers, slash the node, reward the challenger.
+    function _void(uint256 batchId, Batch storage b, BatchTotals calldata totals, Fraud reason) private {
+        b.status = Status.Voided;
+        address node = b.node;
+        uint256 slashed = (nodes.slashableOf(node) * slashBps) / _BPS;
+        uint256 reward = (slashed * challengerRewardBps) / _BPS;
+        _claimable[msg.sender] += reward;
+        _claimable[treasury] += slashed - reward;
+        emit BatchVoided(batchId, msg.sender, reason, slashed, reward);
+        escrow.refund(totals.payers);
+        nodes.slash(node, slashed);
+    }
+
+    function _recordFraud(address node, uint64 committedAt, Leaf calldata leaf) private view returns (Fraud) {
+        InferenceRequest calldata request = leaf.request;
+        UsageRecord calldata record = leaf.record;
+        if (request.node != node) return Fraud.WrongNode;
+        bytes32 digest = _hashTypedDataV4(UsageTypes.hash(request));
+        if (record.requestDigest != digest) return Fraud.RecordMismatch;
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, leaf.v, leaf.r, leaf.s);
+        if (err != ECDSA.RecoverError.NoError || !escrow.isAuthorized(request.payer, signer, record.servedAt)) {
+            return Fraud.BadSignature;
+        }
+        if (
+            record.servedAt > request.deadline || uint256(record.servedAt) + maxRequestTtl < request.deadline
+                || record.servedAt > committedAt
+        ) return Fraud.OutsideDeadline;
+        if (record.outputTokens > request.maxTokens || record.charge > request.maxCharge) return Fraud.OverCap;
+        if (!_pricedRight(node, request.adapterId, record)) return Fraud.WrongPrice;
+        return Fraud.None;
+    }
+
+    function _pricedRight(address node, uint64 adapterId, UsageRecord calldata record) private view returns (bool) {
+        (bool found, uint32 version, bool retired, uint96 priceIn, uint96 priceOut) =
+            adapters.versionAt(adapterId, record.servedAt);
+        if (!found || retired || version != record.termsVersion) return false;
+        uint256 adapterAmount = uint256(priceIn) * record.inputTokens + uint256(priceOut) * record.outputTokens;
+        if (record.adapterAmount != adapterAmount) return false;
+        (bool feeFound, uint96 feePerToken) = nodes.feeAt(node, record.servedAt);
+        uint256 tokens = uint256(record.inputTokens) + record.outputTokens;
+        return feeFound && record.charge == adapterAmount + uint256(feePerToken) * tokens;
+    }
+
+    function _entry(BatchTotals calldata totals, Tree tree, uint256 entry)
+        private
+        pure
+        returns (uint256 group, uint256 amount)
+    {
+        if (tree == Tree.Payer) {
+            if (entry >= totals.payers.length) revert UsageSettlementEntryOutOfRange(entry, totals.payers.length);
+            return (uint160(totals.payers[entry].payer), totals.payers[entry].amount);
+        }
+        if (entry >= totals.adapters.length) revert UsageSettlementEntryOutOfRange(entry, totals.adapters.length);
+        AdapterTotal calldata a = totals.adapters[entry];
+        return ((uint256(a.adapterId) << 32) | a.termsVersion, a.amount);
+    }
+
+    /// @dev Checks that `boundary` is the first position whose leaf group is >= `threshold` (leaves
+    /// before it are all below, by the sorted order) and returns the sum of the leaves before it.
+    function _boundary(Batch storage b, Tree tree, Boundary calldata boundary, uint256 threshold)
+        private
+        view
+        returns (uint256 prefixSum)
+    {
+        uint256 width = uint256(1) << b.depth;
+        uint256 position = boundary.position;
+        if (position > width) revert UsageSettlementBadBoundary(position);
+        if (position > 0) {
+            _checkBoundaryLeaf(b, tree, boundary.before, position - 1);
+            (uint256 hi,) = _key(tree, boundary.before.leaf);
+            if (hi >= threshold) revert UsageSettlementBadBoundary(position);
+        }
+        if (position == width) return tree == Tree.Payer ? b.payerSum : b.adapterSum;
+        if (boundary.at.index != position) revert UsageSettlementBadBoundary(position);
+        prefixSum = _verifyLeaf(b, tree, boundary.at);
+        if (!boundary.at.empty) {
+            (uint256 hi,) = _key(tree, boundary.at.leaf);
+            if (hi < threshold) revert UsageSettlementBadBoundary(position);
+        }
+    }
+
+    function _checkBoundaryLeaf(Batch storage b, Tree tree, LeafProof calldata proof, uint256 index) private view {
+        if (proof.index != index) revert UsageSettlementBadBoundary(index + 1);
+        if (proof.empty) revert UsageSettlementEmptyLeaf(index);
+        _verifyLeaf(b, tree, proof);
+    }
+
+    /// @dev Verifies a leaf proof against the batch's tree; returns the sum of all leaves left of it.
+    function _verifyLeaf(Batch storage b, Tree tree, LeafProof calldata proof) private view returns (uint256) {
+        SumNode memory node = proof.empty
+            ? SumNode(bytes32(0), 0)
+            : SumNode(UsageTypes.leafHash(proof.leaf), _leafSum(tree, proof.leaf));
+        return _verifyNode(b, tree, 0, proof.index, node, proof.siblings);
+    }
+
+    /// @dev Climbs from `node` at (`level`, `index`) to the root and compares it with the committed root
+    /// hash and sum; returns the sum of all leaves left of the node.
+    function _verifyNode(
+        Batch storage b,
+        Tree tree,
+        uint256 level,
+        uint256 index,
+        SumNode memory node,
+        SumNode[] calldata siblings
+    ) private view returns (uint256 leftSum) {
+        uint256 height = b.depth - level;
+        if (siblings.length != height) revert UsageSettlementBadProofLength(height, siblings.length);
+        if (index >> height != 0) revert UsageSettlementIndexOutOfRange(index, level);
+        bytes32 hash = node.hash;
+        uint256 sum = node.sum;
+        for (uint256 i = 0; i < height; ++i) {
+            SumNode calldata sibling = siblings[i];
+            if ((index >> i) & 1 == 0) {
+                hash = _hashPair(hash, sum, sibling.hash, sibling.sum);
+            } else {
+                hash = _hashPair(sibling.hash, sibling.sum, hash, sum);
+                leftSum += sibling.sum;
+            }
+            sum += sibling.sum;
+        }
+        (bytes32 root, uint256 rootSum) =
+            tree == Tree.Payer ? (b.payerRoot, uint256(b.payerSum)) : (b.adapterRoot, uint256(b.adapterSum));
+        if (hash != root || sum != rootSum) revert UsageSettlementInvalidProof(tree, hash, sum);
+    }
+
+    function _hashPair(bytes32 leftHash, uint256 leftSum, bytes32 rightHash, uint256 rightSum)
+        private
+        pure
+        returns (bytes32 result)
+    {
+        // keccak256(abi.encode(leftHash, leftSum, rightHash, rightSum)) in scratch memory, no allocation.
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, leftHash)
+            mstore(add(ptr, 0x20), leftSum)
+            mstore(add(ptr, 0x40), rightHash)
+            mstore(add(ptr, 0x60), rightSum)
+            result := keccak256(ptr, 0x80)
+        }
+    }
+
+    function _leafSum(Tree tree, Leaf calldata leaf) private pure returns (uint256) {
+        return tree == Tree.Payer ? leaf.record.charge : leaf.record.adapterAmount;
+    }
+
+    function _key(Tree tree, Leaf calldata leaf) private pure returns (uint256 hi, uint256 lo) {
+        return tree == Tree.Payer ? UsageTypes.payerKey(leaf) : UsageTypes.adapterKey(leaf);
+    }
+
+    /// @dev Strict lexicographic order of the two leaves' keys in `tree`.
+    function _less(Tree tree, Leaf calldata a, Leaf calldata b) private pure returns (bool) {
+        (uint256 aHi, uint256 aLo) = _key(tree, a);
+        (uint256 bHi, uint256 bLo) = _key(tree, b);
+        return aHi < bHi || (aHi == bHi && aLo < bLo);
+    }
+}

@@ -1,0 +1,251 @@
+"""AdapterRegistry, NodeRegistry, PaymentEscrow and OpenToken: every external function, happy path and
+each custom-error revert; thaw, unbonding and notice periods enforced in time."""
+
+from __future__ import annotations
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+
+from attribution.batch import build_batch
+from tests.attribution.helpers import CONFIG, DEPOSIT, NODE_FEE, NODE_STAKE, PRICES, World, reverts
+
+E18 = 10**18
+
+
+async def test_adapter_register_and_views(world: World) -> None:
+    a, owner = world.c.adapters, world.owner
+    assert await a.adapter_count() == 2
+    assert await a.adapter_id_of("bafy-adapter-one") == 1 and await a.adapter_id_of("nope") == 0
+    info = await a.adapter(1)
+    assert (info.owner, info.cid, info.version_count) == (owner.address, "bafy-adapter-one", 1)
+    terms = await a.terms(1, 0)
+    assert (terms.price_in, terms.price_out, terms.retired) == (*PRICES[1], False)
+    assert await a.split(1, 0) == ([owner.address, world.contributor.address], [7_000, 3_000])
+    now = await world.chain.timestamp()
+    assert (await a.version_at(1, now))[0] == 0
+    assert await a.version_at(1, 0) is None and await a.version_at(99, now) is None
+    new_id = await a.register(world.stranger, "bafy-three", b"\x02" * 32, 5, 6, [world.stranger.address], [10_000])
+    assert new_id == 3
+
+
+async def test_adapter_register_reverts(world: World) -> None:
+    a, s = world.c.adapters, world.stranger
+    me = [s.address]
+    with reverts("AdapterRegistryEmptyCid"):
+        await a.register(s, "", bytes(32), 1, 1, me, [10_000])
+    with reverts("AdapterRegistryDuplicateCid"):
+        await a.register(s, "bafy-adapter-one", bytes(32), 1, 1, me, [10_000])
+    with reverts("AdapterRegistrySharesLengthMismatch"):
+        await a.register(s, "x", bytes(32), 1, 1, me, [5_000, 5_000])
+    with reverts("AdapterRegistryBadContributorCount"):
+        await a.register(s, "x", bytes(32), 1, 1, [], [])
+    with reverts("AdapterRegistryBadContributorCount"):
+        await a.register(s, "x", bytes(32), 1, 1, me * 17, [1] * 17)
+    with reverts("AdapterRegistryZeroContributor"):
+        await a.register(s, "x", bytes(32), 1, 1, ["0x" + "00" * 20], [10_000])
+    with reverts("AdapterRegistryBadSharesSum"):
+        await a.register(s, "x", bytes(32), 1, 1, me, [9_999])
+    with reverts("AdapterRegistryUnknownAdapter"):
+        await a.adapter(42)
+    with reverts("AdapterRegistryUnknownVersion"):
+        await a.terms(1, 5)
+
+
+async def test_adapter_changes_take_effect_after_notice_and_keep_history(world: World) -> None:
+    a, owner = world.c.adapters, world.owner
+    receipt = await a.update_prices(owner, 1, 11, 22)
+    event = a.events(receipt, "AdapterTermsUpdated")[0]
+    assert event["version"] == 1 and event["since"] == (await world.chain.timestamp()) + CONFIG.notice_period
+    now = await world.chain.timestamp()
+    assert (await a.version_at(1, now))[0] == 0  # still the old prices
+    assert (await a.version_at(1, now + CONFIG.notice_period))[1].price_in == 11
+    await a.update_shares(owner, 1, [world.contributor.address], [10_000])
+    assert await a.split(1, 2) == ([world.contributor.address], [10_000])
+    assert (await a.terms(1, 2)).price_in == 11
+    assert await a.split(1, 0) == ([owner.address, world.contributor.address], [7_000, 3_000])
+    receipt = await a.retire(owner, 1)
+    assert a.events(receipt, "AdapterRetired")[0]["version"] == 3
+    with reverts("AdapterRegistryRetired"):
+        await a.update_prices(owner, 1, 1, 1)
+    with reverts("AdapterRegistryRetired"):
+        await a.retire(owner, 1)
+    await world.chain.increase_time(CONFIG.notice_period)
+    assert (await a.version_at(1, await world.chain.timestamp()))[1].retired
+
+
+async def test_adapter_owner_only(world: World) -> None:
+    a, s = world.c.adapters, world.stranger
+    with reverts("AdapterRegistryNotOwner"):
+        await a.update_prices(s, 1, 1, 1)
+    with reverts("AdapterRegistryNotOwner"):
+        await a.update_shares(s, 1, [s.address], [10_000])
+    with reverts("AdapterRegistryNotOwner"):
+        await a.retire(s, 1)
+    with reverts("AdapterRegistryNotOwner"):
+        await a.transfer_ownership(s, 1, s.address)
+    with reverts("AdapterRegistryUnknownAdapter"):
+        await a.retire(s, 9)
+    with reverts("AdapterRegistryZeroOwner"):
+        await a.transfer_ownership(world.owner, 1, "0x" + "00" * 20)
+    with reverts("AdapterRegistryBadSharesSum"):
+        await a.update_shares(world.owner, 1, [s.address], [1])
+    await a.transfer_ownership(world.owner, 1, s.address)
+    assert (await a.adapter(1)).owner == s.address
+    await a.update_prices(s, 1, 3, 4)
+
+
+async def test_node_register_and_settings(world: World) -> None:
+    n, node = world.c.nodes, world.node
+    info = await n.node_of(node.address)
+    assert (info.registered, info.signer, info.stake, info.endpoint) == (
+        True, world.node_signer.address, NODE_STAKE, "http://node.test")
+    assert await n.is_active(node.address) and not await n.is_active(world.stranger.address)
+    await n.set_signer(node, world.stranger.address)
+    await n.set_endpoint(node, "https://node.example/v1")
+    info = await n.node_of(node.address)
+    assert (info.signer, info.endpoint) == (world.stranger.address, "https://node.example/v1")
+    now = await world.chain.timestamp()
+    await n.set_fee(node, 7)
+    assert await n.fee_at(node.address, now) == NODE_FEE
+    assert await n.fee_at(node.address, now + 1 + CONFIG.notice_period) == 7
+    assert await n.fee_at(node.address, 0) is None
+    await n.add_stake(node, 5 * E18)
+    assert (await n.node_of(node.address)).stake == NODE_STAKE + 5 * E18
+
+
+async def test_node_reverts(world: World) -> None:
+    n, s = world.c.nodes, world.stranger
+    await world.c.token.approve(s, n.address, 2**256 - 1)
+    with reverts("NodeRegistryAlreadyRegistered"):
+        await n.register(world.node, s.address, "", 1, NODE_STAKE)
+    with reverts("NodeRegistryZeroSigner"):
+        await n.register(s, "0x" + "00" * 20, "", 1, NODE_STAKE)
+    with reverts("NodeRegistryStakeBelowMinimum"):
+        await n.register(s, s.address, "", 1, CONFIG.min_stake - 1)
+    for call in (n.add_stake(s, 1), n.set_signer(s, s.address), n.set_endpoint(s, "x"), n.set_fee(s, 1),
+                 n.unbond(s, 1), n.withdraw_unbonded(s)):
+        with reverts("NodeRegistryNotRegistered"):
+            await call
+    with reverts("NodeRegistryZeroAmount"):
+        await n.add_stake(world.node, 0)
+    with reverts("NodeRegistryZeroAmount"):
+        await n.unbond(world.node, 0)
+    with reverts("NodeRegistryZeroSigner"):
+        await n.set_signer(world.node, "0x" + "00" * 20)
+    with reverts("NodeRegistryInsufficientStake"):
+        await n.unbond(world.node, NODE_STAKE + 1)
+    with reverts("NodeRegistryNothingUnbonding"):
+        await n.withdraw_unbonded(world.node)
+    with reverts("NodeRegistryNotSettlement"):
+        await world.chain.transact(s, n.contract.functions.slash(world.node.address, 1))
+
+
+async def test_unbonding_delay_and_inactivity(world: World) -> None:
+    n, node = world.c.nodes, world.node
+    before = await world.c.token.balance_of(node.address)
+    receipt = await n.unbond(node, NODE_STAKE - CONFIG.min_stake + 1)
+    end = n.events(receipt, "NodeUnbondingStarted")[0]["unbondingEnd"]
+    assert end == await world.chain.timestamp() + CONFIG.unbonding_delay
+    assert not await n.is_active(node.address)  # below the minimum stake: cannot commit
+    with reverts("UsageSettlementNodeInactive"):
+        await world.c.settlement.commit_batch(node, node.address, build_batch([await world.leaf(world.payer_a)]), "x")
+    with reverts("NodeRegistryStillUnbonding"):
+        await n.withdraw_unbonded(node)
+    await world.chain.increase_time(CONFIG.unbonding_delay)
+    await n.withdraw_unbonded(node)
+    assert await world.c.token.balance_of(node.address) == before + NODE_STAKE - CONFIG.min_stake + 1
+
+
+async def test_escrow_deposits(world: World) -> None:
+    e, payer = world.c.escrow, world.payer_a
+    await e.deposit(payer, 5)
+    await e.deposit_for(world.payer_b, world.payer_a.address, 6)
+    assert (await e.account_of(payer.address)).balance == DEPOSIT + 11
+    with reverts("PaymentEscrowZeroAmount"):
+        await e.deposit(payer, 0)
+    # EIP-2612 permit: no approve needed.
+    s, token = world.stranger, world.c.token
+    deadline = await world.chain.timestamp() + 3600
+    permit = {
+        "types": {
+            "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
+                             {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}],
+            "Permit": [{"name": "owner", "type": "address"}, {"name": "spender", "type": "address"},
+                       {"name": "value", "type": "uint256"}, {"name": "nonce", "type": "uint256"},
+                       {"name": "deadline", "type": "uint256"}],
+        },
+        "primaryType": "Permit",
+        "domain": {"name": "OpenLoRA Token", "version": "1", "chainId": world.chain.chain_id,
+                   "verifyingContract": token.address},
+        "message": {"owner": s.address, "spender": e.address, "value": 10 * E18,
+                    "nonce": await token.nonces(s.address), "deadline": deadline},
+    }
+    signed = Account.sign_message(encode_typed_data(full_message=permit), s.key)
+    await e.deposit_with_permit(s, 10 * E18, deadline, signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big"))
+    assert (await e.account_of(s.address)).balance == 10 * E18
+
+
+async def test_escrow_thaw_and_withdraw(world: World) -> None:
+    e, payer = world.c.escrow, world.payer_a
+    with reverts("PaymentEscrowNothingThawing"):
+        await e.withdraw(payer)
+    with reverts("PaymentEscrowZeroAmount"):
+        await e.request_withdrawal(payer, 0)
+    with reverts("PaymentEscrowInsufficientBalance"):
+        await e.request_withdrawal(payer, DEPOSIT + 1)
+    await e.request_withdrawal(payer, 100)
+    account = await e.account_of(payer.address)
+    assert (account.balance, account.thawing) == (DEPOSIT - 100, 100)
+    assert account.thaw_end == await world.chain.timestamp() + CONFIG.thaw_period
+    with reverts("PaymentEscrowStillThawing"):
+        await e.withdraw(payer)
+    await world.chain.increase_time(CONFIG.thaw_period - 5)
+    with reverts("PaymentEscrowStillThawing"):
+        await e.withdraw(payer)
+    await world.chain.increase_time(5)
+    before = await world.c.token.balance_of(world.stranger.address)
+    await e.withdraw(payer, world.stranger.address)
+    assert await world.c.token.balance_of(world.stranger.address) == before + 100
+
+
+async def test_thawing_funds_stay_chargeable(world: World) -> None:
+    e, payer = world.c.escrow, world.payer_a
+    await e.request_withdrawal(payer, DEPOSIT)  # everything thawing
+    leaf = await world.leaf(payer)
+    await world.c.settlement.commit_batch(world.node, world.node.address, build_batch([leaf]), "x")
+    account = await e.account_of(payer.address)
+    assert (account.balance, account.thawing) == (0, DEPOSIT - leaf.record.charge)
+
+
+async def test_escrow_signers(world: World) -> None:
+    e, payer, signer = world.c.escrow, world.payer_b, world.stranger.address
+    now = await world.chain.timestamp()
+    assert await e.is_authorized(payer.address, payer.address, 0)
+    assert not await e.is_authorized(payer.address, signer, now)
+    await e.authorize_signer(payer, signer)
+    assert await e.is_authorized(payer.address, signer, now + 1)
+    with reverts("PaymentEscrowSignerAlreadyAuthorized"):
+        await e.authorize_signer(payer, signer)
+    with reverts("PaymentEscrowZeroSigner"):
+        await e.authorize_signer(payer, "0x" + "00" * 20)
+    receipt = await e.revoke_signer(payer, signer)
+    until = e.events(receipt, "SignerRevoked")[0]["until"]
+    assert until == await world.chain.timestamp() + CONFIG.notice_period
+    assert await e.is_authorized(payer.address, signer, until - 1)
+    assert not await e.is_authorized(payer.address, signer, until)
+    with reverts("PaymentEscrowSignerNotAuthorized"):
+        await e.revoke_signer(payer, signer)
+    with reverts("PaymentEscrowSignerAlreadyAuthorized"):  # a revoked signer stays revoked
+        await e.authorize_signer(payer, signer)
+
+
+async def test_escrow_settlement_only(world: World) -> None:
+    f = world.c.escrow.contract.functions
+    for fn in (f.lock([(world.payer_a.address, 1)]), f.settle(1), f.refund([(world.payer_a.address, 1)])):
+        with reverts("PaymentEscrowNotSettlement"):
+            await world.chain.transact(world.stranger, fn)
+
+
+async def test_token_mint_owner_only(world: World) -> None:
+    with reverts("OwnableUnauthorizedAccount"):
+        await world.c.token.mint(world.stranger, world.stranger.address, 1)
