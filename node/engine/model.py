@@ -96,7 +96,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.float().pow(2).mean(-1, keepdim=True)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused kernel
+    var = x.float().pow(2).mean(-1, keepdim=True)  # half precision: normalise in fp32, as HF does
     return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
 
 
@@ -191,8 +193,9 @@ class LlamaModel:
             qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if self.lora is not None:
                 self.lora.apply(i, "qkv", x, qkv, batch)
-            q = apply_rope(qkv[:, :q_end].view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_end:k_end].view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            # q and k heads side by side: one RoPE pass for both
+            qk = apply_rope(qkv[:, :k_end].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, k_end:].view(-1, cfg.num_kv_heads, cfg.head_dim)
             attn = self.attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_size]
             o = F.linear(attn, lw.o, lw.o_bias)
@@ -204,7 +207,7 @@ class LlamaModel:
             if self.lora is not None:
                 self.lora.apply(i, "gate_up", x, gu, batch)
             gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+            act = F.silu(gate).mul_(up)
             down = F.linear(act, lw.down, lw.down_bias)
             if self.lora is not None:
                 self.lora.apply(i, "down", act, down, batch)
@@ -224,8 +227,8 @@ class LlamaModel:
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D] (slot = block * block_size + offset)
         cfg = self.cfg
-        k_cache[batch.slot_mapping] = k
-        v_cache[batch.slot_mapping] = v
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v)
         out = torch.empty(q.shape[0], cfg.q_size, dtype=q.dtype, device=q.device)
         for chunk in batch.prefills:
             rows = slice(chunk.start, chunk.end)
