@@ -173,34 +173,23 @@ async def test_malicious_adapters_are_refused(tiny_model_dir, adapter_dir, ipfs_
 # -- untrusted gateways ------------------------------------------------------------------------
 
 
-async def _gateway(handler) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_get("/ipfs/{cid}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-
-async def test_hanging_gateway_then_honest_one(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+async def test_hanging_gateway_then_honest_one(tiny_model_dir, adapter_dir, ipfs_node, serve_gateway, tmp_path):
     cid = await publish(ipfs_node.api_url, adapter_dir)
 
     async def hang(request):
         await asyncio.sleep(30)
         return web.Response()
 
-    runner, hanging = await _gateway(hang)
-    try:
-        async with serve_node(
-            tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[hanging, ipfs_node.gateway_url], ipfs_timeout=0.5
-        ) as node:
-            assert await chat(node.url, cid) != await chat(node.url, "tiny")
-    finally:
-        await runner.cleanup()
+    hanging = await serve_gateway(hang)
+    async with serve_node(
+        tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[hanging, ipfs_node.gateway_url], ipfs_timeout=0.5
+    ) as node:
+        assert await chat(node.url, cid) != await chat(node.url, "tiny")
 
 
-async def test_lying_gateway_is_refused_and_nothing_cached(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+async def test_lying_gateway_is_refused_and_nothing_cached(
+    tiny_model_dir, adapter_dir, ipfs_node, serve_gateway, tmp_path
+):
     cid = await publish(ipfs_node.api_url, adapter_dir)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{ipfs_node.gateway_url}/ipfs/{cid}?format=car") as resp:
@@ -210,20 +199,17 @@ async def test_lying_gateway_is_refused_and_nothing_cached(tiny_model_dir, adapt
     async def tampered(request):
         return web.Response(body=bytes(car), content_type="application/vnd.ipld.car")
 
-    runner, liar = await _gateway(tampered)
-    try:
-        async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[liar]) as node:
-            async with aiohttp.ClientSession(base_url=node.url) as http:
-                body = {"model": cid, "messages": PROMPT, "max_tokens": 4}
-                async with http.post("/v1/chat/completions", json=body) as resp:
-                    err = (await resp.json())["error"]
-                    assert resp.status == 503 and err["code"] == "adapter_unavailable"
-                    assert "does not match" in err["message"] or "hash" in err["message"].lower(), err
-                body["model"] = "tiny"
-                async with http.post("/v1/chat/completions", json=body) as resp:
-                    assert resp.status == 200
-    finally:
-        await runner.cleanup()
+    liar = await serve_gateway(tampered)
+    async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[liar]) as node:
+        async with aiohttp.ClientSession(base_url=node.url) as http:
+            body = {"model": cid, "messages": PROMPT, "max_tokens": 4}
+            async with http.post("/v1/chat/completions", json=body) as resp:
+                err = (await resp.json())["error"]
+                assert resp.status == 503 and err["code"] == "adapter_unavailable"
+                assert "does not match" in err["message"] or "hash" in err["message"].lower(), err
+            body["model"] = "tiny"
+            async with http.post("/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
     assert not (tmp_path / "adapters" / cid).exists()
     assert [p for p in (tmp_path / "adapters").iterdir() if not p.name.startswith(".")] == []
 
