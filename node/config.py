@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     )
     served_model_name: str | None = Field(None, description="name in /v1/models; default: model dir name")
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="weights and activations; auto: bfloat16 on CUDA and on CPUs with native bf16 "
+        "(AMX / AVX512-BF16: 2.5-6x faster GEMMs than fp32), else float32",
+    )
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
 

@@ -134,12 +134,16 @@ def main() -> None:
         extra, tput_many, tput_four, slot_loads = asyncio.run(bench())
 
     cold_ms = statistics.median(extra)
+    rows = [
+        (f"(a) verify CAR of {verify_mib} MiB, MB/s (peer: sha256)", f"{verify['verify']:.0f}",
+         f"{verify['sha256']:.0f}", f"{verify['ratio']:.2f}"),
+        (f"(b) cold-start extra TTFT, ms, median of {cold_n} adapters", f"{cold_ms:.1f}", "", ""),
+        (f"(c) tokens/s, {many} adapters / 32 slots (peer: 4 adapters)", f"{tput_many:.1f}", f"{tput_four:.1f}",
+         f"{tput_many / tput_four:.2f}"),
+    ]  # fmt: skip
     print(f"\n{'measure':<58}{'value':>12}{'peer':>12}{'ratio':>8}")
-    print(f"{'(a) verify CAR of %d MiB, MB/s (peer: sha256)' % verify_mib:<58}{verify['verify']:>12.0f}"
-          f"{verify['sha256']:>12.0f}{verify['ratio']:>8.2f}")  # fmt: skip
-    print(f"{'(b) cold-start extra TTFT, ms, median of %d adapters' % cold_n:<58}{cold_ms:>12.1f}{'':>12}{'':>8}")
-    print(f"{'(c) tokens/s, %d adapters / 32 slots (peer: 4 adapters)' % many:<58}{tput_many:>12.1f}"
-          f"{tput_four:>12.1f}{tput_many / tput_four:>8.2f}")  # fmt: skip
+    for label, value, peer, ratio in rows:
+        print(f"{label:<58}{value:>12}{peer:>12}{ratio:>8}")
     print(
         f"    {requests} requests x {new_tokens} tokens, batch 32, median of {repeats}; "
         f"device-slot loads over the run: {slot_loads}"

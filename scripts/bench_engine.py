@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 
 
@@ -104,15 +105,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller workload, under 2 minutes")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="both systems: auto (bf16 where native), float32, bfloat16")
     args = ap.parse_args()
     n, max_prompt, max_out = (12, 128, 48) if args.quick else (32, 256, 128)
     repeats = args.repeats or (2 if args.quick else 3)
     reqs = workload(n, max_prompt, max_out)
 
-    settings = Settings(max_num_seqs=n)
+    settings = Settings(max_num_seqs=n, dtype=args.dtype)
     path = prepare_model(settings)
     engine = AsyncEngine.load(settings)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = resolve_dtype(settings)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
 
     async def bench():
@@ -129,9 +132,14 @@ def main() -> None:
             await engine.stop()
 
     ours, theirs = asyncio.run(bench())
-    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in (("ours", ours), ("hf", theirs))}
-    print(f"\nworkload: {n} requests, prompts 16-{max_prompt}, outputs 8-{max_out} tokens, greedy, "
-          f"batch {n}, {torch.get_num_threads()} threads, median of {repeats}")
+    med = {
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for name, runs in (("ours", ours), ("hf", theirs))
+    }
+    print(
+        f"\nworkload: {n} requests, prompts 16-{max_prompt}, outputs 8-{max_out} tokens, greedy, "
+        f"batch {n}, {dtype}, {torch.get_num_threads()} threads, median of {repeats}"
+    )
     print(f"{'system':<34}{'tokens/s':>10}{'mean lat s':>12}{'p95 lat s':>11}{'TTFT s':>9}")
     for label, key in (("openlora engine (continuous)", "ours"), ("transformers generate (static)", "hf")):
         m = med[key]

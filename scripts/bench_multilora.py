@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 
 QUESTIONS = [
@@ -94,10 +95,12 @@ def run_peft(model, prompts, adapter_names, new_tokens: int, pad_id: int) -> flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and tokens, under 3 minutes")
+    ap.add_argument("--dtype", default="auto", help="both systems: auto (bf16 where native), float32, bfloat16")
     args = ap.parse_args()
     n_req, n_adapters, new_tokens, repeats = (16, 8, 32, 2) if args.quick else (32, 16, 64, 3)
 
     base_dir = prepare_model(Settings())
+    dtype = resolve_dtype(Settings(dtype=args.dtype))
     work = Path(tempfile.mkdtemp(prefix="bench-multilora-"))
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     names = [f"bench-{i:02d}" for i in range(n_adapters)]
@@ -105,12 +108,15 @@ def main() -> None:
         make_random_adapter(base_dir, work / name, rank=8, alpha=16, seed=1000 + i, std=0.02, base_model=base)
 
     engine = AsyncEngine.load(
-        Settings(adapters_dir=work, max_loras=n_adapters, max_lora_rank=8, max_num_seqs=n_req, host_adapters=n_adapters)
-    )
+        Settings(
+            adapters_dir=work, max_loras=n_adapters, max_lora_rank=8, max_num_seqs=n_req, host_adapters=n_adapters,
+            dtype=args.dtype,
+        )
+    )  # fmt: skip
     prompts = chat_prompts(engine.tokenizer, n_req)
     assigned = [names[i % n_adapters] for i in range(n_req)]
 
-    peft = PeftModel.from_pretrained(base, work / names[0], adapter_name=names[0])
+    peft = PeftModel.from_pretrained(base.to(dtype), work / names[0], adapter_name=names[0])
     for name in names[1:]:
         peft.load_adapter(work / name, adapter_name=name)
     peft.eval()
@@ -134,7 +140,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in res.items()}
     print(
         f"\n{n_req} chat requests x {new_tokens} new tokens, {n_adapters} rank-8 q/k/v/o adapters round-robin, "
-        f"greedy, batch {n_req}, {torch.get_num_threads()} threads, median of {repeats}"
+        f"greedy, batch {n_req}, {dtype}, {torch.get_num_threads()} threads, median of {repeats}"
     )
     print(f"{'system':<44}{'tokens/s':>10}{'vs (a)':>9}")
     rows = [

@@ -13,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Apps built by tests start no local IPFS node unless a test asks for one (Settings(local_ipfs=True)
 # or explicit gateways); the IPFS tests run the real node through the `ipfs_node` fixture.
 os.environ.setdefault("OPENLORA_LOCAL_IPFS", "false")
+# fp32 unless a test asks otherwise: exact comparisons against transformers and PEFT, and batch-
+# invariant greedy outputs (bf16 GEMMs may round differently for different batch shapes).
+os.environ.setdefault("OPENLORA_DTYPE", "float32")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

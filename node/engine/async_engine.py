@@ -45,7 +45,7 @@ class AsyncEngine:
         path = prepare_model(settings, progress=progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = LlamaModel.from_pretrained(path, dtype=_DTYPES[settings.dtype], device=settings.device)
+            model = LlamaModel.from_pretrained(path, dtype=resolve_dtype(settings), device=settings.device)
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from exc
         eos = set(model.cfg.eos_token_ids)
@@ -64,7 +64,9 @@ class AsyncEngine:
                 host_capacity=settings.host_adapters,
                 max_bytes=settings.max_adapter_bytes,
             )
-            pool = LoraSlotPool(model.cfg, settings.max_loras, settings.max_lora_rank, model.dtype, model.device)
+            # On CPU adapters stay fp32 whatever the base dtype (see LoraSlotPool.apply).
+            lora_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
+            pool = LoraSlotPool(model.cfg, settings.max_loras, settings.max_lora_rank, lora_dtype, model.device)
         runner = EngineRunner(
             model,
             tokenizer,
@@ -157,6 +159,16 @@ class AsyncEngine:
                 self.runner.abort(request.request_id)
             if lora is not None:
                 self.adapters.release(lora)
+
+
+def resolve_dtype(settings: Settings) -> torch.dtype:
+    """The compute dtype: as configured, or for "auto" bf16 where the hardware runs it natively."""
+    if settings.dtype != "auto":
+        return _DTYPES[settings.dtype]
+    if settings.device.startswith("cuda"):
+        return torch.bfloat16
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
 
 
 def base_model_shape(cfg: ModelConfig, name: str, path: Path) -> BaseModelShape:

@@ -115,3 +115,26 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
     ref = _reference_logits(smollm2_dir, ids)
     ours = _prefill_then_decode(model, ids, split=40, block_size=16)
     assert (ours - ref[39:]).abs().max().item() < TOL
+
+
+def test_bf16_logits_close_to_transformers_bf16(tiny_model_dir):
+    """bf16 (the default on CPUs with AMX / AVX512-BF16): same math as transformers in bf16."""
+    model = LlamaModel.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    ids = _prompt(24, seed=8, vocab=model.cfg.vocab_size)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    ours = _prefill_then_decode(model, ids, split=20)
+    fp32 = _reference_logits(tiny_model_dir, ids)[19:]
+    # bf16 keeps ~3 significant digits: compare with the scale of the logits, and against fp32
+    assert (ours - expected[19:]).abs().max().item() < 0.05 * fp32.abs().max().item()
+    assert (ours.argmax(-1) == fp32.argmax(-1)).float().mean().item() >= 0.8
+
+
+def test_auto_dtype_is_bf16_only_where_native():
+    from node.config import Settings
+    from node.engine.async_engine import resolve_dtype
+
+    assert resolve_dtype(Settings(dtype="float32")) is torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_dtype(Settings(dtype="auto")) is (torch.bfloat16 if native else torch.float32)
