@@ -64,9 +64,7 @@ class AsyncEngine:
                 host_capacity=settings.host_adapters,
                 max_bytes=settings.max_adapter_bytes,
             )
-            # On CPU adapters stay fp32 whatever the base dtype (see LoraSlotPool.apply).
-            lora_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
-            pool = LoraSlotPool(model.cfg, settings.max_loras, settings.max_lora_rank, lora_dtype, model.device)
+            pool = LoraSlotPool(model, settings.max_loras, settings.max_lora_rank)
         runner = EngineRunner(
             model,
             tokenizer,

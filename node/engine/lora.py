@@ -1,16 +1,26 @@
-"""The LoRA slot pool: adapters resident on the compute device, stacked for the multi-LoRA kernels.
+"""The LoRA slot pool: adapters resident on the compute device, applied to every projection group.
 
-Per layer and projection group the pool holds one stacked A and one stacked B (the layout
-`kernels.add_lora` takes), with a per-slot rank and scale. A slot is taken when a sequence using
-the adapter is admitted and released when it ends; an adapter stays resident after its last
-sequence (a later request reuses it for free) until the slot is needed, least recently used first.
-Slots referenced by running sequences are pinned and never evicted.
+A slot is taken when a sequence using the adapter is admitted and released when it ends; an
+adapter stays resident after its last sequence (a later request reuses it for free) until the slot
+is needed, least recently used first. Slots referenced by running sequences are pinned.
+
+Two weight layouts, chosen by measurement (docs/architecture.md):
+
+- `stacked` (CUDA): per layer and group one stacked A [S, n, R, H_in] and B [S, N, R], the layout
+  of `kernels.add_lora` (Triton on the GPU; the torch reference elsewhere).
+- `fused` (CPU): the slots' A rows are appended below the base weight, W_ext = [W; A] of shape
+  [N + S*n*R, H_in], and the model's weight is a view of its first N rows. One GEMM then yields
+  the base projection and every token's product with every slot's A; `coef` keeps each token's own
+  slot (times its scale) and one more GEMM against a block-diagonal B_ext [S*n*R, N] adds the
+  update. On a 2-core CPU each extra op costs 20-50 us once the base GEMMs have flushed the caches,
+  so two extra ops per group beat any per-adapter loop; the extra FLOPs are those of S small
+  rank-R matrices, paid only for the slots in use (a prefix of the slot range).
 
 Groups and slices (SmolLM2: hidden 576, q 576, kv 192, intermediate 1536):
-    qkv      A [S, 3, R, 576]   B [S, 960, R]    slice_offsets (0, 576, 768, 960)
-    o        A [S, 1, R, 576]   B [S, 576, R]
-    gate_up  A [S, 2, R, 576]   B [S, 3072, R]
-    down     A [S, 1, R, 1536]  B [S, 576, R]
+    qkv      n=3  N=960   slice_offsets (0, 576, 768, 960)
+    o        n=1  N=576
+    gate_up  n=2  N=3072
+    down     n=1  N=576   (H_in = 1536)
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import StepBatch
-from node.engine.model import LoraHook, ModelConfig
+from node.engine.model import LlamaModel, LoraHook
 
 GROUP_MODULES = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -34,35 +45,49 @@ MODULE_GROUP = {m: g for g, mods in GROUP_MODULES.items() for m in mods}
 
 
 class LoraSlotPool(LoraHook):
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, *, layout: str | None = None):
+        cfg = model.cfg
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.layout = layout or ("stacked" if model.device.type == "cuda" else "fused")
+        if self.layout not in ("stacked", "fused"):
+            raise ValueError(f"unknown LoRA weight layout {self.layout!r}")
         h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
         dims = {"qkv": (h, (q, kv, kv)), "o": (q, (h,)), "gate_up": (h, (i, i)), "down": (i, (h,))}
-        self.offsets: dict[str, tuple[int, ...]] = {}
-        for group, (_, outs) in dims.items():
-            offs = [0]
-            for n in outs:
-                offs.append(offs[-1] + n)
-            self.offsets[group] = tuple(offs)
-        self.A = [
-            {
-                g: torch.zeros(num_slots, len(outs), max_rank, fan_in, dtype=dtype, device=device)
-                for g, (fan_in, outs) in dims.items()
-            }
-            for _ in range(cfg.num_layers)
-        ]
-        self.B = [
-            {g: torch.zeros(num_slots, self.offsets[g][-1], max_rank, dtype=dtype, device=device) for g in dims}
-            for _ in range(cfg.num_layers)
-        ]
+        self.offsets = {g: tuple(sum(outs[:k]) for k in range(len(outs) + 1)) for g, (_, outs) in dims.items()}
+        self.n_slices = {g: len(outs) for g, (_, outs) in dims.items()}
+        dtype, device, S, R = model.dtype, model.device, num_slots, max_rank
+        if self.layout == "stacked":
+            self.A = [
+                {g: torch.zeros(S, len(outs), R, fan_in, dtype=dtype, device=device) for g, (fan_in, outs) in dims.items()}
+                for _ in range(cfg.num_layers)
+            ]  # fmt: skip
+            self.B = [
+                {g: torch.zeros(S, self.offsets[g][-1], R, dtype=dtype, device=device) for g in dims}
+                for _ in range(cfg.num_layers)
+            ]
+        else:
+            self.W_ext, self.B_ext = [], []
+            for lw in model.layers:
+                w_ext, b_ext = {}, {}
+                for g, (fan_in, outs) in dims.items():
+                    base = getattr(lw, g)  # [N, H_in]
+                    N = base.shape[0]
+                    w = torch.zeros(N + S * len(outs) * R, fan_in, dtype=dtype, device=device)
+                    w[:N] = base
+                    setattr(lw, g, w[:N])  # the model now reads the base rows in place
+                    w_ext[g] = w
+                    b_ext[g] = torch.zeros(S * len(outs) * R, N, dtype=dtype, device=device)
+                self.W_ext.append(w_ext)
+                self.B_ext.append(b_ext)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self._groups: list[frozenset[str]] = [frozenset()] * num_slots  # groups each slot's adapter touches
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self._refs = [0] * num_slots
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots - 1, -1, -1))  # lowest first: keeps the slots in use a short prefix
         self.loads = 0  # adapters written into a slot (misses)
+        model.lora = self
 
     # -- residency (engine thread) ---------------------------------------------------------------
 
@@ -91,6 +116,7 @@ class LoraSlotPool(LoraHook):
             return False
         del self._resident[name]
         self._free.append(slot)
+        self._free.sort(reverse=True)
         return True
 
     def resident(self) -> list[str]:
@@ -105,45 +131,83 @@ class LoraSlotPool(LoraHook):
                 return slot
         return None
 
+    def _rows(self, group: str, slot: int, i: int, r: int) -> slice:
+        """Rows of slot `slot`, slice `i` in the fused layout's A block (and B_ext)."""
+        start = (slot * self.n_slices[group] + i) * self.max_rank
+        return slice(start, start + r)
+
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        r = adapter.rank
         # Clear only what the previous occupant wrote: its groups, its first `rank` rows/columns
         # (a full clear of a slot costs ~3x the copy of a rank-8 SmolLM2 adapter).
         old_rank = int(self.ranks[slot])
-        for layer_a, layer_b in zip(self.A, self.B):
+        for layer in range(self._num_layers()):
             for g in self._groups[slot]:
-                layer_a[g][slot, :, :old_rank].zero_()
-                layer_b[g][slot, :, :old_rank].zero_()
-        for (layer, module), (a, b) in adapter.weights.items():
+                if self.layout == "stacked":
+                    self.A[layer][g][slot, :, :old_rank].zero_()
+                    self.B[layer][g][slot, :, :old_rank].zero_()
+                else:
+                    N = self.offsets[g][-1]
+                    for i in range(self.n_slices[g]):
+                        rows = self._rows(g, slot, i, old_rank)
+                        self.W_ext[layer][g][N + rows.start : N + rows.stop].zero_()
+                        self.B_ext[layer][g][rows].zero_()
+        r = adapter.rank
+        for (layer, module), (a, b) in adapter.weights.items():  # a: [r, in], b: [out, r]
             group = MODULE_GROUP[module]
             i = GROUP_MODULES[group].index(module)
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
-            self.A[layer][group][slot, i, :r].copy_(a)  # a: [r, in]
-            self.B[layer][group][slot, lo:hi, :r].copy_(b)  # b: [out, r]
+            if self.layout == "stacked":
+                self.A[layer][group][slot, i, :r].copy_(a)
+                self.B[layer][group][slot, lo:hi, :r].copy_(b)
+            else:
+                rows, N = self._rows(group, slot, i, r), self.offsets[group][-1]
+                self.W_ext[layer][group][N + rows.start : N + rows.stop].copy_(a)
+                self.B_ext[layer][group][rows, lo:hi].copy_(b.T)
         self.scales[slot] = adapter.scale
         self.ranks[slot] = r
         self._groups[slot] = frozenset(MODULE_GROUP[m] for m in adapter.target_modules)
         self.loads += 1
 
+    def _num_layers(self) -> int:
+        return len(self.A) if self.layout == "stacked" else len(self.W_ext)
+
     # -- per step ---------------------------------------------------------------------------------
 
     def prepare(self, batch: StepBatch) -> None:
-        """Once per step: the kernels' segment metadata and the groups any adapter in it touches."""
+        """Once per step: the groups any adapter in the step touches, and the layout's metadata
+        (the kernels' segments, or the fused layout's per-token coefficients)."""
         if batch.lora_slots is None:
             return
-        batch.lora_meta = kernels.build_lora_meta(batch.lora_slots)
         slots = {s for s in batch.lora_slots.tolist() if s >= 0}
         batch.extra["lora_groups"] = frozenset().union(*(self._groups[s] for s in slots))
-
-    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
-        if batch.lora_meta is None or group not in batch.extra["lora_groups"]:
-            return  # base-only step, or no adapter in it targets this projection
-        A, B, meta = self.A[layer][group], self.B[layer][group], batch.lora_meta
-        if x.dtype == A.dtype:
-            kernels.add_lora(y, x, A, B, self.scales, self.ranks, self.offsets[group], meta)
+        if self.layout == "stacked":
+            batch.lora_meta = kernels.build_lora_meta(batch.lora_slots)
             return
-        # fp32 adapters under a bf16 base (CPU): the small LoRA GEMMs cost ~3 us per op in fp32
-        # against ~20 us in bf16 (oneDNN), and the delta keeps full precision until it is added.
-        delta = torch.zeros(y.shape, dtype=A.dtype, device=y.device)
-        kernels.add_lora(delta, x.to(A.dtype), A, B, self.scales, self.ranks, self.offsets[group], meta)
-        y.add_(delta)
+        used = max(slots) + 1  # slots [0, used) take part: a prefix, as free slots go lowest first
+        coef = torch.zeros(batch.num_tokens, used, dtype=torch.float32)
+        rows = (batch.lora_slots >= 0).nonzero().squeeze(1)
+        cols = batch.lora_slots[rows]
+        coef[rows, cols] = self.scales[cols]
+        batch.lora_meta = (used, coef)
+        batch.extra["coef"] = {}  # per slice count n: coef repeated over [n, R] -> [T, used * n * R]
+
+    def project(
+        self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: StepBatch
+    ) -> torch.Tensor:
+        if batch.lora_meta is None or group not in batch.extra["lora_groups"]:
+            return F.linear(x, weight, bias)  # base-only step, or no adapter in it targets this group
+        if self.layout == "stacked":
+            y = F.linear(x, weight, bias)
+            A, B = self.A[layer][group], self.B[layer][group]
+            kernels.add_lora(y, x, A, B, self.scales, self.ranks, self.offsets[group], batch.lora_meta)
+            return y
+        used, coef = batch.lora_meta
+        n, N = self.n_slices[group], weight.shape[0]
+        k = used * n * self.max_rank
+        out = F.linear(x, self.W_ext[layer][group][: N + k])  # [T, N + k]: base and every slot's x A^T
+        cache = batch.extra["coef"]
+        if n not in cache:
+            cache[n] = coef.repeat_interleave(n * self.max_rank, dim=1).to(out.dtype)
+        z = out[:, N:] * cache[n]  # [T, k]: each token's own slot, scaled
+        y = torch.addmm(out[:, :N], z, self.B_ext[layer][group][:k])  # base + z @ B_ext
+        return y if bias is None else y.add_(bias)

@@ -124,12 +124,14 @@ class LayerWeights:
 
 
 class LoraHook:
-    """What the model calls after each base projection; the LoRA slot pool implements it.
+    """Computes a projection group with its LoRA updates; the LoRA slot pool implements it.
 
-    `group` is one of "qkv", "o", "gate_up", "down". `y` is updated in place.
+    `group` is one of "qkv", "o", "gate_up", "down" (the fused weights of `LayerWeights`).
     """
 
-    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
+    def project(
+        self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: StepBatch
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -187,34 +189,33 @@ class LlamaModel:
         cfg = self.cfg
         h = self.embed[batch.token_ids]  # [T, hidden]
         cos, sin = self.rope(batch.positions)
-        q_end, k_end = cfg.q_size, cfg.q_size + cfg.kv_size
+        k_end = cfg.q_size + cfg.kv_size
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
-            if self.lora is not None:
-                self.lora.apply(i, "qkv", x, qkv, batch)
+            qkv = self.project(i, "qkv", x, lw.qkv, lw.qkv_bias, batch)  # [T, q + 2kv]
             # q and k heads side by side: one RoPE pass for both
             qk = apply_rope(qkv[:, :k_end].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, k_end:].view(-1, cfg.num_kv_heads, cfg.head_dim)
             attn = self.attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_size]
-            o = F.linear(attn, lw.o, lw.o_bias)
-            if self.lora is not None:
-                self.lora.apply(i, "o", attn, o, batch)
+            o = self.project(i, "o", attn, lw.o, lw.o_bias, batch)
             h = h + o
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            gu = F.linear(x, lw.gate_up, lw.gate_up_bias)  # [T, 2 * intermediate]
-            if self.lora is not None:
-                self.lora.apply(i, "gate_up", x, gu, batch)
+            gu = self.project(i, "gate_up", x, lw.gate_up, lw.gate_up_bias, batch)  # [T, 2 * intermediate]
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate).mul_(up)
-            down = F.linear(act, lw.down, lw.down_bias)
-            if self.lora is not None:
-                self.lora.apply(i, "down", act, down, batch)
+            down = self.project(i, "down", act, lw.down, lw.down_bias, batch)
             h = h + down
         # Only each sequence's last row needs logits: saves a [T, vocab] GEMM on long prefills.
         last = rms_norm(h[batch.logit_rows], self.final_norm, cfg.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
+
+    def project(
+        self, layer: int, group: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: StepBatch
+    ) -> torch.Tensor:
+        if self.lora is None:
+            return F.linear(x, w, b)
+        return self.lora.project(layer, group, x, w, b, batch)
 
     def attention(
         self,

@@ -84,11 +84,12 @@ def _shape(model: LlamaModel, name: str, path: Path) -> BaseModelShape:
     return BaseModelShape(name, (str(path),), c.num_layers, c.hidden_size, c.intermediate_size, c.q_size, c.kv_size)
 
 
-def test_mixed_batch_logits_match_peft(tiny_model_dir, adapters_dir):
-    """One forward pass: 9 sequences with 9 adapters (mixed ranks/targets) plus a base-only one."""
+@pytest.mark.parametrize("layout", ["fused", "stacked"])
+def test_mixed_batch_logits_match_peft(tiny_model_dir, adapters_dir, layout):
+    """One forward pass: 9 sequences with 9 adapters (mixed ranks/targets) plus a base-only one,
+    in both weight layouts (fused: the CPU path; stacked: the kernels' layout, the GPU path)."""
     model = LlamaModel.from_pretrained(tiny_model_dir)
-    pool = LoraSlotPool(model.cfg, num_slots=len(SPECS), max_rank=16, dtype=model.dtype, device=model.device)
-    model.lora = pool
+    pool = LoraSlotPool(model, num_slots=len(SPECS), max_rank=16, layout=layout)
     shape = _shape(model, "tiny", tiny_model_dir)
     kv = KVCache(model.cfg.num_layers, 128, 4, model.cfg.num_kv_heads, model.cfg.head_dim, model.dtype, model.device)
     works, names = [], []
