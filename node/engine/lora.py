@@ -208,6 +208,6 @@ class LoraSlotPool(LoraHook):
         cache = batch.extra["coef"]
         if n not in cache:
             cache[n] = coef.repeat_interleave(n * self.max_rank, dim=1).to(out.dtype)
-        z = out[:, N:] * cache[n]  # [T, k]: each token's own slot, scaled
-        y = torch.addmm(out[:, :N], z, self.B_ext[layer][group][:k])  # base + z @ B_ext
+        z = out[:, N:].mul_(cache[n])  # [T, k]: each token's own slot, scaled
+        y = out[:, :N].addmm_(z, self.B_ext[layer][group][:k])  # base + z @ B_ext, in place (row stride N + k)
         return y if bias is None else y.add_(bias)
