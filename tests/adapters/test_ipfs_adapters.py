@@ -224,3 +224,30 @@ def test_disk_cache_evicts_least_recently_used(tmp_path):
     assert cache.get("a") is not None  # now the most recent
     assert cache.trim() == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+
+
+async def test_loading_adapter_never_blocks_other_requests(
+    tiny_model_dir, adapter_dir, ipfs_node, serve_gateway, tmp_path
+):
+    """While one adapter is still being fetched (a slow gateway), base-model requests and requests
+    for an adapter already loaded are answered; the slow one completes afterwards."""
+    slow_cid = await publish(ipfs_node.api_url, adapter_dir)
+    released = asyncio.Event()
+
+    async def slow(request):
+        await released.wait()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{ipfs_node.gateway_url}/ipfs/{request.match_info['cid']}?format=car") as resp:
+                return web.Response(body=await resp.read(), content_type="application/vnd.ipld.car")
+
+    gateway = await serve_gateway(slow)
+    local = tmp_path / "local"
+    shutil.copytree(adapter_dir, local / "ready")
+    async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[gateway], adapters_dir=local) as node:
+        pending = asyncio.create_task(chat(node.url, slow_cid))
+        await asyncio.sleep(0.2)
+        assert node.engine.adapters.state(slow_cid).value == "fetching"
+        others = await asyncio.gather(chat(node.url, "tiny"), chat(node.url, "ready"))
+        assert not pending.done() and all(others)
+        released.set()
+        assert await pending == others[1]  # same adapter bytes as the local copy: same answer
