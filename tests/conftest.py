@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# Triton snapshots TRITON_INTERPRET when it is imported, and transformers and peft import it while
+# test modules are collected: set it here, before any of them, so that the kernel tests run the
+# Triton kernels on CPU tensors in the interpreter. On a CUDA machine it is left alone.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Apps built by tests start no local IPFS node unless a test asks for one (Settings(local_ipfs=True)
 # or explicit gateways); the IPFS tests run the real node through the `ipfs_node` fixture.
