@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,8 +23,9 @@ from rich.table import Table
 
 from node.adapters.errors import AdapterError, InvalidAdapterError
 from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, fetch_verified, import_directory
-from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource, parse_adapter_cid
+from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource, parse_adapter_cid, read_index
 from node.adapters.peft_format import CONFIG_FILE, BaseModelShape, LoraAdapter, load_adapter, read_config
+from node.adapters.sources import ADAPTER_NAME
 from node.config import Settings
 
 _FLAGS = ("cache_dir", "ipfs_api_url", "model", "max_lora_rank", "max_adapter_bytes", "adapter_index")
@@ -102,11 +104,20 @@ def _index_file(settings: Settings) -> Path:
 async def _publish(args: argparse.Namespace) -> None:
     settings = _settings(args)
     directory: Path = args.directory
-    if not (directory / CONFIG_FILE).is_file():
+    if directory.is_dir() and not (directory / CONFIG_FILE).is_file():
         raise InvalidAdapterError(f"{directory} is not a PEFT adapter directory ({CONFIG_FILE} missing)", "missing")
-    console = Console(stderr=True)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory} does not exist or is not a directory")
+    console = Console(stderr=True, soft_wrap=True)
+    if args.name is not None:
+        _check_name(args.name)
     if not args.no_validate:
-        adapter = _validate(settings, directory, directory.name)
+        base = base_shape(settings)
+        if args.name in (base.name, *base.aliases):
+            raise AdapterError(f"--name {args.name!r} is the base model's name")
+        adapter = load_adapter(
+            directory, directory.name, base, settings.max_lora_rank, max_bytes=settings.max_adapter_bytes
+        )
         console.print(f"valid: rank {adapter.rank}, targets {', '.join(adapter.target_modules)}")
     dag = await asyncio.to_thread(import_directory, directory)
     async with ipfs_endpoints(settings) as (api_url, _):
@@ -129,22 +140,35 @@ async def _publish(args: argparse.Namespace) -> None:
     cid = str(dag.root)
     if args.name:
         index_file = _index_file(settings)
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        index = _read_index(index_file)
         index[args.name] = cid
         index_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        tmp.replace(index_file)
+        fd, tmp = tempfile.mkstemp(prefix=".index-", dir=index_file.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index_file)
         console.print(f"indexed {args.name!r} -> {cid} in {index_file}")
     print(cid)
 
 
+def _check_name(name: str) -> None:
+    if parse_adapter_cid(name) is not None or name.startswith("ipfs://"):
+        raise AdapterError(f"--name {name!r} looks like a CID: an adapter's CID already names it")
+    if not ADAPTER_NAME.match(name):
+        raise AdapterError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (up to 128, not first)")
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    if not index_file.is_file():
+        return {}
+    try:
+        return read_index(index_file)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
+
+
 def _resolve(settings: Settings, name: str) -> str:
-    cid = parse_adapter_cid(name)
-    if cid is None:
-        index_file = _index_file(settings)
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        cid = parse_adapter_cid(str(index.get(name, "")))
+    cid = parse_adapter_cid(name) or _read_index(_index_file(settings)).get(name)
     if cid is None:
         raise AdapterError(f"{name!r} is neither a CID nor a name in the adapter index {_index_file(settings)}")
     return cid

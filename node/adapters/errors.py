@@ -20,3 +20,9 @@ class AdapterUnavailableError(AdapterError, RuntimeError):
     """The adapter could not be fetched or loaded right now (retried later with backoff)."""
 
     reason = "unavailable"
+
+
+class AdapterNotFoundError(AdapterError, LookupError):
+    """No source has the adapter (e.g. every gateway answered 404 for its CID)."""
+
+    reason = "not_found"

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
 
-from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
-from node.adapters.ipfs import AllGatewaysFailed, InvalidCid, IpfsError, SizeLimitExceeded, fetch_verified, parse_cid
+from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
+from node.adapters.ipfs import (
+    AllGatewaysFailed,
+    GatewayError,
+    InvalidCid,
+    IpfsError,
+    SizeLimitExceeded,
+    fetch_verified,
+    parse_cid,
+)
 from node.adapters.sources import AdapterSource
 
 _STAMP = ".last-used"
+log = logging.getLogger(__name__)
 
 
 def parse_adapter_cid(name: str) -> str | None:
@@ -28,6 +38,23 @@ def parse_adapter_cid(name: str) -> str | None:
         return str(parse_cid(text).set(version=1, base="base32"))
     except (InvalidCid, ValueError, KeyError):
         return None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The adapter index file: name -> canonical CID. Raises ValueError on a malformed file."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the adapter index ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the adapter index must be a JSON object of name -> CID")
+    index = {}
+    for name, cid in raw.items():
+        canonical = parse_adapter_cid(str(cid))
+        if canonical is None or parse_adapter_cid(name) is not None:
+            raise ValueError(f"{path}: {name!r} -> {cid!r} is not a name -> CID entry")
+        index[name] = canonical
+    return index
 
 
 class DiskCache:
@@ -106,23 +133,19 @@ class IpfsAdapterSource(AdapterSource):
             return {}
         mtime = self.index_file.stat().st_mtime
         if mtime != self._index_mtime:
-            raw = json.loads(self.index_file.read_text())
-            if not isinstance(raw, dict):
-                raise ValueError(f"{self.index_file}: the adapter index must be a JSON object of name -> CID")
-            index = {}
-            for name, cid in raw.items():
-                canonical = parse_adapter_cid(str(cid))
-                if canonical is None:
-                    raise ValueError(f"{self.index_file}: {name!r} maps to {cid!r}, which is not a CID")
-                index[name] = canonical
-            self._index, self._index_mtime = index, mtime
+            self._index_mtime = mtime
+            try:
+                self._index = read_index(self.index_file)
+            except ValueError as exc:  # keep serving with the last good index
+                log.error("adapter index not reloaded: %s", exc)
         return self._index
 
     def names(self) -> list[str]:
         return sorted(self.index())
 
     def canonical(self, name: str) -> str | None:
-        return self.index().get(name) or parse_adapter_cid(name)
+        # a CID is itself; the index only names what is not a CID (publish refuses CID-like names)
+        return parse_adapter_cid(name) or self.index().get(name)
 
     def has(self, name: str) -> bool:
         return self.canonical(name) is not None
@@ -148,13 +171,20 @@ class IpfsAdapterSource(AdapterSource):
                 cid, self.gateways, self.cache.root, max_bytes=self.max_adapter_bytes, timeout=self.timeout
             )
         except AllGatewaysFailed as exc:
+            log.warning("adapter %s: %s", cid, exc)  # the details (gateway URLs) stay in the log
             if any(isinstance(e, SizeLimitExceeded) for e in exc.errors):
                 raise InvalidAdapterError(
-                    f"adapter {cid} is larger than this node's limit of {self.max_adapter_bytes} bytes"
+                    f"adapter {cid} is larger than this node's limit of {self.max_adapter_bytes} bytes", "too_large"
                 ) from None
-            raise AdapterUnavailableError(f"adapter {cid} could not be fetched: {exc}") from None
+            if exc.errors and all(isinstance(e, GatewayError) and e.status in (404, 410) for e in exc.errors):
+                raise AdapterNotFoundError(f"no IPFS gateway of this node has adapter {cid}") from None
+            kinds = ", ".join(sorted({type(e).__name__ for e in exc.errors}))
+            raise AdapterUnavailableError(
+                f"adapter {cid} could not be fetched from this node's {len(self.gateways)} gateway(s) ({kinds})"
+            ) from None
         except IpfsError as exc:
-            raise AdapterUnavailableError(f"adapter {cid} could not be fetched: {exc}") from None
+            log.warning("adapter %s: %s", cid, exc)
+            raise AdapterUnavailableError(f"adapter {cid} could not be fetched ({type(exc).__name__})") from None
         if not path.is_dir():
             path.unlink(missing_ok=True)
             raise InvalidAdapterError(f"adapter {cid} is a single file; an adapter is a directory")

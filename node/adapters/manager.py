@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
+from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
 from node.adapters.peft_format import BaseModelShape, LoraAdapter, load_adapter
 from node.adapters.sources import AdapterSource
 
@@ -135,7 +135,8 @@ class AdapterManager:
             entry.state = AdapterState.VERIFIED
             load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
             adapter = await loop.run_in_executor(None, load)
-        except (InvalidAdapterError, AdapterUnavailableError) as exc:
+        except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
+            self._forget_stale_failures()
             entry.failures += 1
             self.failure_counts[exc.reason] = self.failure_counts.get(exc.reason, 0) + 1
             entry.state, entry.error = AdapterState.FAILED, exc
@@ -150,15 +151,23 @@ class AdapterManager:
         entry.loaded_at = time.monotonic()
         self._host[entry.name] = None
         self.loads += 1
-        self._trim_host()
+        self._trim_host(keep=entry.name)  # its waiters have not taken their references yet
 
-    def _trim_host(self) -> None:
+    def _forget_stale_failures(self) -> None:
+        """Failed entries whose backoff has passed are dropped, so that clients naming endless
+        bogus CIDs cannot grow this table without bound (a retry simply starts afresh)."""
+        now = time.monotonic()
+        for key in [k for k, e in self._entries.items() if e.state is AdapterState.FAILED and e.retry_at <= now]:
+            if self._entries[key].loading is None and self._entries[key].refs == 0:
+                del self._entries[key]
+
+    def _trim_host(self, keep: str | None = None) -> None:
         excess = len(self._host) - self.host_capacity
         for name in list(self._host):
             if excess <= 0:
                 break
             entry = self._entries[name]
-            if entry.refs == 0:
+            if entry.refs == 0 and name != keep:
                 del self._host[name]
                 entry.adapter, entry.state = None, AdapterState.VERIFIED
                 excess -= 1

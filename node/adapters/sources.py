@@ -10,7 +10,7 @@ from pathlib import Path
 from node.adapters.errors import AdapterUnavailableError
 from node.adapters.peft_format import CONFIG_FILE
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AdapterSource(abc.ABC):
@@ -41,10 +41,10 @@ class LocalAdapterSource(AdapterSource):
         self.root = root
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and (p / CONFIG_FILE).is_file())
+        return sorted(p.name for p in self.root.iterdir() if ADAPTER_NAME.match(p.name) and (p / CONFIG_FILE).is_file())
 
     def has(self, name: str) -> bool:
-        return bool(_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
+        return bool(ADAPTER_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
 
     async def fetch(self, name: str) -> Path:
         path = self.root / name

@@ -26,9 +26,7 @@ def create_app(settings: Settings) -> web.Application:
     """The node's HTTP API. Serve it with `node.api.server.start_server` (it cancels the handlers of
     clients that disconnect, which aborts their engine requests)."""
     # metrics_middleware is outermost, so it counts the status error_middleware settled on.
-    app = web.Application(
-        middlewares=[metrics_middleware, error_middleware], client_max_size=settings.max_body_bytes
-    )
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[OPENAPI] = build_openapi()
@@ -104,8 +102,9 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     stats = engine.stats()
-    body = Health(model=engine.model_name, running=stats["running"], waiting=stats["waiting"])
-    return web.json_response(text=body.model_dump_json())
+    status = "ok" if engine.healthy else "engine_stopped"
+    body = Health(status=status, model=engine.model_name, running=stats["running"], waiting=stats["waiting"])
+    return web.json_response(text=body.model_dump_json(), status=200 if engine.healthy else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
+from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
 from node.api.keys import STREAM_RESPONSE
 from node.api.schemas import ErrorBody, ErrorResponse
 from node.engine import EngineError, PromptTooLongError, UnknownModelError
@@ -128,6 +128,8 @@ def to_api_error(exc: Exception, request: web.Request) -> APIError:
         return ContextLengthExceededError(str(exc), param=param)
     if isinstance(exc, UnknownModelError):
         return ModelNotFoundError(str(exc), param="model")
+    if isinstance(exc, AdapterNotFoundError):
+        return ModelNotFoundError(f"The model does not exist: {exc}", param="model")
     if isinstance(exc, InvalidAdapterError):
         return InvalidRequestError(f"The adapter cannot be used: {exc}", param="model", code="adapter_invalid")
     if isinstance(exc, AdapterUnavailableError):

@@ -103,9 +103,7 @@ def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
 def _completion_prompt_ids(tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
-            raise InvalidRequestError(
-                "Only one prompt per request is supported.", param="prompt", code="invalid_value"
-            )
+            raise InvalidRequestError("Only one prompt per request is supported.", param="prompt", code="invalid_value")
         prompt = prompt[0]
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)

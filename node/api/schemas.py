@@ -33,9 +33,7 @@ class GenerationBody(_Request):
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy. Default 1.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
     top_k: int | None = Field(None, ge=0, description="Extension: sample among the k likeliest tokens; 0 = off.")
-    seed: int | None = Field(
-        None, ge=0, lt=2**63, description="Same seed, prompt and parameters give the same output."
-    )
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, prompt and parameters give the same output.")
     stop: str | list[str] | None = Field(None, description="Stop before any of these strings (not included).")
     stream: bool | None = Field(None, description="Stream increments as server-sent events.")
     stream_options: StreamOptions | None = None
@@ -156,7 +154,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "engine_stopped"] = "ok"  # engine_stopped comes with HTTP 503
     model: str
     running: int
     waiting: int

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
+from node.adapters.errors import AdapterError
 from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource
 from node.adapters.manager import AdapterManager
 from node.adapters.peft_format import BaseModelShape
@@ -100,6 +101,11 @@ class AsyncEngine:
             "failures": dict(self.adapters.failure_counts),
         }
 
+    @property
+    def healthy(self) -> bool:
+        """The engine thread is running and has not died."""
+        return self.runner.alive and self.runner.error is None
+
     def stats(self) -> dict[str, int]:
         s = self.runner.stats()
         return {
@@ -133,11 +139,16 @@ class AsyncEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Leaving early (break, cancel, aclose) aborts it."""
         self.check(request)
-        if not self.runner.alive:
+        if not self.runner.alive or self.runner.error is not None:
             raise EngineStoppedError("the engine is not running")
         lora = None
         if request.adapter is not None:
-            lora = await self.adapters.acquire(request.adapter)  # waits here if loading; others go on
+            try:
+                lora = await self.adapters.acquire(request.adapter)  # waits here if loading; others go on
+            except LookupError as exc:
+                if isinstance(exc, AdapterError):  # AdapterNotFoundError: a source said it has none
+                    raise
+                raise UnknownModelError(request.adapter) from None  # removed since check()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         finished = False

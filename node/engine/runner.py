@@ -17,6 +17,7 @@ import torch
 from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import StepBatch, build_batch
 from node.engine.detokenizer import IncrementalDetokenizer
+from node.engine.errors import EngineStoppedError
 from node.engine.kv_cache import KVCache
 from node.engine.lora import LoraSlotPool
 from node.engine.model import LlamaModel
@@ -87,6 +88,7 @@ class EngineRunner:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        self._abort_everything()
 
     @property
     def alive(self) -> bool:
@@ -105,6 +107,8 @@ class EngineRunner:
             num_prompt=len(request.prompt_token_ids),
         )
         with self._cond:
+            if self._stop or self.error is not None:
+                raise EngineStoppedError("the engine is not running")
             self._inbox.append((seq, callback))
             self._cond.notify()
 
@@ -169,9 +173,28 @@ class EngineRunner:
                             self._cond.wait(timeout=0.05)
         except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting request
             log.exception("engine thread died")
-            self.error = exc
-            for seq in list(self._seqs.values()):
-                self._finish(seq, FinishReason.ABORT, "")
+            with self._cond:
+                self.error = exc  # from now on submit() refuses
+        self._abort_everything()
+
+    def _abort_everything(self) -> None:
+        """End every request still waiting for output (the thread stopped or died), so that no
+        caller waits forever; submit() refuses new ones from here on."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        pending = [(seq, cb) for seq, cb in inbox] + [
+            (seq, self._callbacks.get(rid)) for rid, seq in self._seqs.items()
+        ]
+        self._seqs.clear()
+        self._callbacks.clear()
+        for seq, callback in pending:
+            if callback is None:
+                continue
+            out = GenerationOutput(seq.request_id, [], "", seq.num_prompt, seq.num_generated, FinishReason.ABORT)
+            try:
+                callback(out)
+            except Exception:  # noqa: BLE001 - one broken consumer must not keep the others waiting
+                log.exception("could not notify request %s", seq.request_id)
 
     def step(self) -> bool:
         """Run one batch; False if nothing was runnable."""

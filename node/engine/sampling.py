@@ -23,23 +23,31 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """One token per row. logits: [S, vocab] float32 (CPU)."""
     out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows overwrite below
     for row, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:
             continue
         out[row] = _sample_row(logits[row], p, g)
     return out
 
 
+# Below this a temperature only sharpens the distribution onto its argmax, and dividing by it
+# overflows float32 (1e-40 turns logits into inf and the softmax into NaN): treated as greedy.
+MIN_TEMPERATURE = 1e-5
+
+
 def _sample_row(logits: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
-    x = logits / p.temperature
+    x = logits.double() / p.temperature  # float64: no overflow for any temperature >= MIN_TEMPERATURE
     if p.top_k > 0 and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already cover top_p (the first one always stays)
-        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= p.top_p
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the tokens before it already cover top_p; the most likely one always stays
+        drop = (probs.cumsum(dim=-1) - probs) >= p.top_p
+        drop[0] = False
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(0, order, sorted_x)
     probs = torch.softmax(x, dim=-1)
+    if not torch.isfinite(probs).all():  # non-finite logits from the model: fall back to greedy
+        return int(logits.argmax().item())
     return int(torch.multinomial(probs, 1, generator=g).item())

@@ -19,7 +19,7 @@ import torch
 from aiohttp import web
 from safetensors.torch import load_file, save_file
 
-from node.adapters.ipfs import KuboRpcClient, import_directory
+from node.adapters.ipfs import KuboRpcClient, import_directory, import_file
 from node.adapters.ipfs_source import DiskCache, parse_adapter_cid
 from node.adapters.synthetic import make_random_adapter
 from tests.api.conftest import scrape, serve_node
@@ -251,3 +251,46 @@ async def test_loading_adapter_never_blocks_other_requests(
         assert not pending.done() and all(others)
         released.set()
         assert await pending == others[1]  # same adapter bytes as the local copy: same answer
+
+
+def test_cli_refuses_names_that_would_shadow_cids_or_the_base(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+    common = ("--model", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--ipfs-api-url", ipfs_node.api_url)
+    cid_like = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+    for name, needle in [(cid_like, "looks like a CID"), ("ipfs://x", "looks like a CID"), ("a b/c", "use letters"),
+                         (tiny_model_dir.name, "base model's name")]:  # fmt: skip
+        out = cli("adapter", "publish", str(adapter_dir), "--name", name, *common)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and needle in out.stderr, (name, out.stderr)
+    assert not (tmp_path / "adapter-index.json").exists()
+    out = cli("adapter", "publish", str(tmp_path / "missing"), *common)
+    assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+async def test_corrupt_index_keeps_the_node_serving(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+    cid = await publish(ipfs_node.api_url, adapter_dir)
+    index = tmp_path / "adapter-index.json"
+    index.write_text(json.dumps({"good": cid}))
+    async with serve_node(
+        tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[ipfs_node.gateway_url], adapter_index=index
+    ) as node:
+        good = await chat(node.url, "good")
+        index.write_text('{"x": ')  # an operator's editor saves half a file
+        os.utime(index, (1, 1))  # a different mtime, whatever the clock's resolution
+        async with aiohttp.ClientSession(base_url=node.url) as http:
+            async with http.get("/v1/models") as resp:
+                assert resp.status == 200 and "good" in [m["id"] for m in (await resp.json())["data"]]
+        assert await chat(node.url, "good") == good  # the last good index still serves
+    out = cli("adapter", "inspect", "good", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path),
+              "--ipfs-gateway", ipfs_node.gateway_url)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "adapter index" in out.stderr
+
+
+async def test_cid_no_gateway_has_is_model_not_found(tiny_model_dir, ipfs_node, tmp_path):
+    (tmp_path / "never-published").write_bytes(os.urandom(64))
+    absent = str(import_file(tmp_path / "never-published").root)  # a valid CID that no node has
+    async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[ipfs_node.gateway_url]) as node:
+        async with aiohttp.ClientSession(base_url=node.url) as http:
+            body = {"model": absent, "messages": PROMPT, "max_tokens": 4}
+            async with http.post("/v1/chat/completions", json=body) as resp:
+                err = (await resp.json())["error"]
+                assert resp.status == 404 and err["code"] == "model_not_found", err
+                assert "127.0.0.1" not in err["message"]  # gateway addresses stay in the log

@@ -115,3 +115,13 @@ async def test_unknown_adapter_is_a_lookup_error(adapters_root, base):
     manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8)
     with pytest.raises(LookupError):
         await manager.acquire("missing")
+
+
+async def test_host_tier_of_one_serves_a_second_adapter_while_the_first_is_held(adapters_root, base):
+    """Regression: a freshly loaded adapter was evicted before its waiter took it (a reload loop)."""
+    manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8, host_capacity=1)
+    held = await manager.acquire("a0")
+    other = await asyncio.wait_for(manager.acquire("a1"), 5)
+    assert other.name == "a1" and manager.loads == 2
+    manager.release(other)
+    manager.release(held)

@@ -87,10 +87,11 @@ class SourceChanged(IpfsError, RuntimeError):
 class GatewayError(IpfsError, ConnectionError):
     """One gateway failed to deliver (connection refused, HTTP error, not a CAR)."""
 
-    def __init__(self, gateway: str, reason: str, *, retryable: bool = True) -> None:
+    def __init__(self, gateway: str, reason: str, *, retryable: bool = True, status: int | None = None) -> None:
         super().__init__(f"gateway {gateway}: {reason}")
         self.gateway = gateway
         self.retryable = retryable
+        self.status = status  # the HTTP status, when the gateway answered with an error
 
 
 class GatewayTimeout(GatewayError, TimeoutError):

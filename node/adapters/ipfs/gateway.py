@@ -94,7 +94,7 @@ class GatewayClient:
             reason = f"HTTP {resp.status} for {cid}"
             if resp.status in (404, 410):
                 reason = f"does not have {cid} (HTTP {resp.status})"
-            raise GatewayError(self.url, reason, retryable=retryable)
+            raise GatewayError(self.url, reason, retryable=retryable, status=resp.status)
         content_type = resp.headers.get("Content-Type", "")
         if content_type and not content_type.startswith(CAR_MEDIA_TYPE):
             raise GatewayError(self.url, f"answered {content_type.split(';')[0]!r}, not a CAR", retryable=False)
