@@ -26,9 +26,12 @@ SERVE_FLAGS = (
     "host", "port", "model", "served_model_name", "cache_dir", "dtype", "device", "threads",
     "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens",
     "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
+    "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
+    "ipfs_timeout",
 )  # fmt: skip
 PREPARE_FLAGS = ("model", "cache_dir")
 FLAG_ALIASES = {"adapters_dir": ("--adapters",)}
+FLAG_NAMES = {"ipfs_gateways": "--ipfs-gateway"}  # repeatable: one gateway per flag
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,9 +44,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -
         field = Settings.model_fields[name]
         default = field.get_default(call_default_factory=True)
         notes = ([] if default is None else [f"default: {default}"]) + [f"env OPENLORA_{name.upper()}"]
+        repeated = name in FLAG_NAMES
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
+            FLAG_NAMES.get(name, f"--{name.replace('_', '-')}"),
             *FLAG_ALIASES.get(name, ()),
+            action="append" if repeated else "store",
             dest=name,
             default=argparse.SUPPRESS,  # absent flags stay absent: env vars and defaults fill in
             metavar=name.upper(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,7 +32,18 @@ class Settings(BaseSettings):
         description="weights and activations; auto: bfloat16 on CUDA and on CPUs with native bf16 "
         "(AMX / AVX512-BF16: 2.5-6x faster GEMMs than fp32), else float32",
     )
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, value: str) -> str:
+        if value.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("CUDA is not available on this machine (this torch build or driver has none)")
+        return value
+
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
 
     # Engine

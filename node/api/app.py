@@ -51,20 +51,28 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
         return
     from node.adapters.ipfs import LocalIpfsNode
 
-    node = LocalIpfsNode(settings.ipfs_repo)
-    await asyncio.get_running_loop().run_in_executor(None, node.start)
-    log.info("local IPFS node: gateway %s, RPC %s (repo %s)", node.gateway_url, node.api_url, settings.ipfs_repo)
+    node = None
+    running = LocalIpfsNode.running_endpoints(settings.ipfs_repo)  # another `serve` over this cache dir
+    if running:
+        gateway, api = running["gateway"], running["api"]
+        log.info("using the local IPFS node already running over %s: gateway %s", settings.ipfs_repo, gateway)
+    else:
+        node = LocalIpfsNode(settings.ipfs_repo)
+        await asyncio.get_running_loop().run_in_executor(None, node.start)
+        gateway, api = node.gateway_url, node.api_url
+        log.info("local IPFS node: gateway %s, RPC %s (repo %s)", gateway, api, settings.ipfs_repo)
     app[SETTINGS] = settings.model_copy(
         update={
-            "ipfs_gateways": [node.gateway_url],
-            "ipfs_api_url": settings.ipfs_api_url or node.api_url,
+            "ipfs_gateways": [gateway],
+            "ipfs_api_url": settings.ipfs_api_url or api,
             "adapter_index": settings.adapter_index or settings.default_adapter_index,
         }
     )
     try:
         yield
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, node.stop)
+        if node is not None:
+            await asyncio.get_running_loop().run_in_executor(None, node.stop)
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:

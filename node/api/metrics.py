@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -16,6 +16,8 @@ from node.api.keys import METRICS
 # Seconds. Whole requests run from milliseconds (a short answer) to minutes (a long stream).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+disable_created_metrics()  # no `*_created` series: they double the exposition and no dashboard reads them
 
 # Status recorded when the client disconnected before the response was complete (nginx's 499).
 CLIENT_CLOSED = "499"

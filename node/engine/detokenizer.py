@@ -21,12 +21,12 @@ class IncrementalDetokenizer:
         """Add tokens; returns (new text to emit, whether a stop string was hit)."""
         self._ids.extend(token_ids)
         text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        for stop in self._stop:
-            # search from just before the settled text: a stop string may straddle the boundary
-            at = text.find(stop, max(0, self._emitted - len(stop)))
-            if at != -1:
-                self.text = text[:at]
-                return self._take(at), True
+        # the earliest match wins, whatever the order of the stop strings
+        hits = [at for stop in self._stop if (at := text.find(stop, max(0, self._emitted - len(stop)))) != -1]
+        if hits:
+            at = min(hits)
+            self.text = text[:at]
+            return self._take(at), True
         self.text = text
         settled = len(text)
         if text.endswith("\ufffd"):

@@ -79,3 +79,16 @@ def test_sampler_temperature_zero_is_argmax():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=0)
     assert sample(logits, [p] * 6, [None] * 6) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("stops", [("5", ", 5"), (", 5", "5")])
+def test_detokenizer_earliest_stop_string_wins(tokenizer, stops):
+    text = "1, 2, 3, 4, 5, 6"
+    d = IncrementalDetokenizer(tokenizer, stops)
+    out = ""
+    for i in tokenizer.encode(text, add_special_tokens=False):
+        piece, hit = d.push([i])
+        out += piece
+        if hit:
+            break
+    assert hit and out == "1, 2, 3, 4"
