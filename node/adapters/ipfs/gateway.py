@@ -25,17 +25,17 @@ from node.adapters.ipfs.errors import (
     IpfsError,
     SizeLimitExceeded,
 )
+from node.adapters.ipfs.http import HttpClient
 from node.adapters.ipfs.verifier import VerifiedDownload
 
 DEFAULT_TIMEOUT = 30.0
 # Depth-first without duplicates is what Kubo's `dag export` writes; the verifier accepts any order.
 CAR_ACCEPT = f"{CAR_MEDIA_TYPE}; version=1; order=dfs; dups=n"
 _FEED_BATCH = 1024 * 1024  # bytes handed to the verifier thread at a time
-USER_AGENT = "openlora-node"
 T = TypeVar("T")
 
 
-class GatewayClient:
+class GatewayClient(HttpClient):
     """One trustless gateway, e.g. `http://127.0.0.1:8080` or `https://trustless-gateway.link`.
 
     `timeout` bounds connecting and every wait for the next bytes; `total_timeout` (optional)
@@ -50,33 +50,18 @@ class GatewayClient:
         timeout: float = DEFAULT_TIMEOUT,
         total_timeout: float | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, session)
         self.timeout = timeout
         self.total_timeout = total_timeout
-        self._session = session
-        self._owns_session = session is None
-
-    async def __aenter__(self) -> GatewayClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def fetch(self, cid: CID | str, dest: Path, *, max_bytes: int, durable: bool = True) -> Path:
         """Download the DAG under `cid` as a CAR, verify it, and materialize it at `dest`
         (a path that must not exist; a directory or a file, as the DAG's root is)."""
         cid = parse_cid(cid)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT})
         url = f"{self.url}/ipfs/{cid}?format=car"
         timeout = aiohttp.ClientTimeout(total=self.total_timeout, connect=self.timeout, sock_read=self.timeout)
         try:
-            async with self._session.get(url, headers={"Accept": CAR_ACCEPT}, timeout=timeout) as resp:
+            async with self.session().get(url, headers={"Accept": CAR_ACCEPT}, timeout=timeout) as resp:
                 self._check_response(resp, cid, max_bytes)
                 with VerifiedDownload(cid, dest, max_bytes=max_bytes, durable=durable) as download:
                     await self._stream(resp, download)

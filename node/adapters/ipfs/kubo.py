@@ -22,6 +22,7 @@ from multiformats import CID
 from node.adapters.ipfs.car import CAR_MEDIA_TYPE
 from node.adapters.ipfs.cids import key_of, parse_cid
 from node.adapters.ipfs.errors import KuboRpcError, PinError
+from node.adapters.ipfs.http import HttpClient
 from node.adapters.ipfs.importer import UnixfsDag
 
 DEFAULT_API_URL = "http://127.0.0.1:5001"
@@ -35,27 +36,14 @@ class NodeVersion:
     raw: dict[str, Any]
 
 
-class KuboRpcClient:
+class KuboRpcClient(HttpClient):
     """`async with KuboRpcClient(url) as ipfs: await ipfs.publish(import_directory(path))`."""
 
     def __init__(
         self, url: str = DEFAULT_API_URL, *, session: aiohttp.ClientSession | None = None, timeout: float = 300.0
     ) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, session)
         self.timeout = timeout
-        self._session = session
-        self._owns_session = session is None
-
-    async def __aenter__(self) -> KuboRpcClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def version(self) -> NodeVersion:
         (answer,) = await self._call("version")
@@ -96,11 +84,9 @@ class KuboRpcClient:
     async def _call(
         self, command: str, params: dict[str, str] | None = None, *, data: aiohttp.FormData | None = None
     ) -> list[dict[str, Any]]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         url = f"{self.url}/api/v0/{command}"
         try:
-            async with self._session.post(
+            async with self.session().post(
                 url, params=params, data=data, timeout=aiohttp.ClientTimeout(total=self.timeout)
             ) as resp:
                 body = await resp.text()
