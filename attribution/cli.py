@@ -3,7 +3,7 @@
     openlora chain deploy --rpc-url http://127.0.0.1:8545 --private-key 0x... --out deployments.json
 
 Each subcommand's parser carries `handler`: `sys.exit(args.handler(args))` runs it. Errors print one line
-to stderr (`error: ...`) and return status 1.
+to stderr (`openlora: error: ...`) and return status 1.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _deploy(args: argparse.Namespace) -> int:
     try:
         deployments = asyncio.run(deploy_all(args.rpc_url, args.private_key, config, args.out))
     except (AttributionError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"openlora: error: {exc}", file=sys.stderr)
         return 1
     print(f"deployed to chain {deployments.chain_id}; wrote {args.out}")
     for name, address in deployments.contracts.items():

@@ -50,13 +50,13 @@ def test_cli_unreachable_rpc_is_one_error_line(tmp_path: Path) -> None:
         [sys.executable, "-m", "attribution.cli", "chain", "deploy", "--rpc-url", "http://127.0.0.1:9",
          "--out", str(tmp_path / "d.json")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: cannot reach the chain")
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("openlora: error: cannot reach the chain")
     assert not (tmp_path / "d.json").exists()
 
 
 def test_cli_bad_config_and_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chain", "deploy", "--thaw-period", "1", "--out", str(tmp_path / "d.json")]) == 1
-    assert capsys.readouterr().err.startswith("error: thaw_period must exceed")
+    assert capsys.readouterr().err.startswith("openlora: error: thaw_period must exceed")
     with pytest.raises(SystemExit):
         main(["chain", "deploy", "--private-key", "0x1234"])
 
