@@ -18,22 +18,20 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_ipfs_verify import measure_verify
+from benchlib import tokens_per_s
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_ipfs_verify import measure_verify  # noqa: E402
-
-from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, import_directory  # noqa: E402
-from node.adapters.synthetic import make_random_adapter  # noqa: E402
-from node.config import Settings  # noqa: E402
-from node.engine import AsyncEngine, GenerationRequest, SamplingParams  # noqa: E402
-from node.engine.prepare import prepare_model  # noqa: E402
+from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, import_directory
+from node.adapters.synthetic import make_random_adapter
+from node.config import Settings
+from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine.prepare import prepare_model
 
 
 def make_adapters(base_dir: Path, root: Path, n: int) -> list[Path]:
@@ -65,20 +63,6 @@ async def ttft(engine: AsyncEngine, prompt: list[int], model: str | None) -> flo
     async for _ in engine.generate(req):
         pass
     return time.perf_counter() - t0
-
-
-async def throughput(engine: AsyncEngine, prompts: list[list[int]], models: list[str], new_tokens: int) -> float:
-    t0 = time.perf_counter()
-
-    async def one(i: int) -> int:
-        sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-        n = 0
-        async for out in engine.generate(GenerationRequest(f"r{i}-{t0}", prompts[i], sp, models[i])):
-            n = out.completion_tokens
-        return n
-
-    total = sum(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
-    return total / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -125,8 +109,8 @@ def main() -> None:
                 rr_four = [many_cids[i % 4] for i in range(requests)]
                 t_many, t_four = [], []
                 for _ in range(repeats):
-                    t_many.append(await throughput(engine, prompts, rr_many, new_tokens))
-                    t_four.append(await throughput(engine, prompts, rr_four, new_tokens))
+                    t_many.append(await tokens_per_s(engine, prompts, rr_many, new_tokens))
+                    t_four.append(await tokens_per_s(engine, prompts, rr_four, new_tokens))
                 return extra, statistics.median(t_many), statistics.median(t_four), engine.runner.lora_pool.loads
             finally:
                 await engine.stop()

@@ -17,10 +17,11 @@ import statistics
 import time
 
 import torch
+from benchlib import left_pad, serve_all
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from node.config import Settings
-from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 
@@ -40,26 +41,13 @@ def p95(xs: list[float]) -> float:
 
 
 async def run_ours(engine: AsyncEngine, reqs) -> dict:
-    t0 = time.perf_counter()
-
-    async def one(i: int, ids: list[int], olen: int):
-        first = None
-        n = 0
-        req = GenerationRequest(f"b{i}", ids, SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True))
-        async for out in engine.generate(req):
-            if first is None and out.token_ids:
-                first = time.perf_counter() - t0
-            n = out.completion_tokens
-        return n, first, time.perf_counter() - t0
-
-    res = await asyncio.gather(*(one(i, ids, o) for i, (ids, o) in enumerate(reqs)))
-    wall = time.perf_counter() - t0
-    assert [r[0] for r in res] == [o for _, o in reqs]
+    prompts, lengths = [ids for ids, _ in reqs], [o for _, o in reqs]
+    served, wall = await serve_all(engine, prompts, lengths, [None] * len(reqs))
     return {
-        "tok_s": sum(r[0] for r in res) / wall,
-        "lat_mean": statistics.mean(r[2] for r in res),
-        "lat_p95": p95([r[2] for r in res]),
-        "ttft": statistics.mean(r[1] for r in res),
+        "tok_s": sum(s.tokens for s in served) / wall,
+        "lat_mean": statistics.mean(s.done_s for s in served),
+        "lat_p95": p95([s.done_s for s in served]),
+        "ttft": statistics.mean(s.first_token_s for s in served),
     }
 
 
@@ -76,13 +64,8 @@ class _FirstStep(LogitsProcessor):
 
 
 def run_hf(model, reqs, pad_id: int) -> dict:
-    maxp = max(len(ids) for ids, _ in reqs)
-    maxo = max(o for _, o in reqs)
-    input_ids = torch.full((len(reqs), maxp), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, (ids, _) in enumerate(reqs):  # left padding
-        input_ids[i, maxp - len(ids) :] = torch.tensor(ids)
-        mask[i, maxp - len(ids) :] = 1
+    input_ids, mask = left_pad([ids for ids, _ in reqs], pad_id)
+    maxp, maxo = input_ids.shape[1], max(o for _, o in reqs)
     first = _FirstStep()
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import left_pad, tokens_per_s
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
-from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 
@@ -53,29 +54,9 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     ]
 
 
-async def run_engine(engine: AsyncEngine, prompts, models, new_tokens: int) -> float:
-    t0 = time.perf_counter()
-
-    async def one(i: int) -> int:
-        sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-        n = 0
-        async for out in engine.generate(GenerationRequest(f"m{i}-{t0}", prompts[i], sp, models[i])):
-            n = out.completion_tokens
-        return n
-
-    counts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-    wall = time.perf_counter() - t0
-    assert all(c == new_tokens for c in counts)
-    return sum(counts) / wall
-
-
 def run_peft(model, prompts, adapter_names, new_tokens: int, pad_id: int) -> float:
-    maxp = max(map(len, prompts))
-    ids = torch.full((len(prompts), maxp), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, maxp - len(p) :] = torch.tensor(p)
-        mask[i, maxp - len(p) :] = 1
+    ids, mask = left_pad(prompts, pad_id)
+    maxp = ids.shape[1]
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -125,12 +106,12 @@ def main() -> None:
     async def bench():
         await engine.start()
         try:
-            await run_engine(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
+            await tokens_per_s(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
             run_peft(peft, prompts[:4], assigned[:4], 4, pad)
             res: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
             for _ in range(repeats):
-                res["ours"].append(await run_engine(engine, prompts, assigned, new_tokens))
-                res["base"].append(await run_engine(engine, prompts, [None] * n_req, new_tokens))
+                res["ours"].append(await tokens_per_s(engine, prompts, assigned, new_tokens))
+                res["base"].append(await tokens_per_s(engine, prompts, [None] * n_req, new_tokens))
                 res["peft"].append(run_peft(peft, prompts, assigned, new_tokens, pad))
             return res
         finally:

@@ -91,10 +91,9 @@ def base_shape(settings: Settings) -> BaseModelShape:
     return base_model_shape(cfg, served_name(settings, path), path)
 
 
-def _validate(settings: Settings, directory: Path, name: str) -> LoraAdapter:
-    return load_adapter(
-        directory, name, base_shape(settings), settings.max_lora_rank, max_bytes=settings.max_adapter_bytes
-    )
+def _validate(settings: Settings, directory: Path, name: str, base: BaseModelShape | None = None) -> LoraAdapter:
+    base = base or base_shape(settings)
+    return load_adapter(directory, name, base, settings.max_lora_rank, max_bytes=settings.max_adapter_bytes)
 
 
 def _index_file(settings: Settings) -> Path:
@@ -104,10 +103,10 @@ def _index_file(settings: Settings) -> Path:
 async def _publish(args: argparse.Namespace) -> None:
     settings = _settings(args)
     directory: Path = args.directory
-    if directory.is_dir() and not (directory / CONFIG_FILE).is_file():
-        raise InvalidAdapterError(f"{directory} is not a PEFT adapter directory ({CONFIG_FILE} missing)", "missing")
     if not directory.is_dir():
         raise AdapterError(f"{directory} does not exist or is not a directory")
+    if not (directory / CONFIG_FILE).is_file():
+        raise InvalidAdapterError(f"{directory} is not a PEFT adapter directory ({CONFIG_FILE} missing)", "missing")
     console = Console(stderr=True, soft_wrap=True)
     if args.name is not None:
         _check_name(args.name)
@@ -115,9 +114,7 @@ async def _publish(args: argparse.Namespace) -> None:
         base = base_shape(settings)
         if args.name in (base.name, *base.aliases):
             raise AdapterError(f"--name {args.name!r} is the base model's name")
-        adapter = load_adapter(
-            directory, directory.name, base, settings.max_lora_rank, max_bytes=settings.max_adapter_bytes
-        )
+        adapter = _validate(settings, directory, directory.name, base)
         console.print(f"valid: rank {adapter.rank}, targets {', '.join(adapter.target_modules)}")
     dag = await asyncio.to_thread(import_directory, directory)
     async with ipfs_endpoints(settings) as (api_url, _):

@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
 from node.adapters.peft_format import BaseModelShape, LoraAdapter, load_adapter
@@ -45,7 +45,6 @@ class _Entry:
     error: Exception | None = None
     failures: int = 0
     retry_at: float = 0.0
-    loaded_at: float = field(default=0.0)
 
 
 class AdapterManager:
@@ -93,10 +92,6 @@ class AdapterManager:
     def state(self, name: str) -> AdapterState | None:
         entry = self._entry(name)
         return entry.state if entry else None
-
-    def failure(self, name: str) -> Exception | None:
-        entry = self._entry(name)
-        return entry.error if entry else None
 
     def _entry(self, name: str) -> _Entry | None:
         found = self.resolve(name)
@@ -148,7 +143,6 @@ class AdapterManager:
         finally:
             entry.loading = None
         entry.adapter, entry.state, entry.error, entry.failures = adapter, AdapterState.LOADED, None, 0
-        entry.loaded_at = time.monotonic()
         self._host[entry.name] = None
         self.loads += 1
         self._trim_host(keep=entry.name)  # its waiters have not taken their references yet

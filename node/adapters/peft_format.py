@@ -62,11 +62,6 @@ class LoraAdapter:
     scale: float
     target_modules: tuple[str, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    base_model: str | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
 def _fail(name: str, why: str, reason: str) -> InvalidAdapterError:
@@ -187,7 +182,6 @@ def load_adapter(
         scale=float(scale),
         target_modules=tuple(sorted({m for _, m in weights}, key=SUPPORTED_MODULES.index)),
         weights=weights,
-        base_model=base_name,
     )
 
 

@@ -107,13 +107,8 @@ class AsyncEngine:
         return self.runner.alive and self.runner.error is None
 
     def stats(self) -> dict[str, int]:
-        s = self.runner.stats()
-        return {
-            "running": s.running,
-            "waiting": s.waiting,
-            "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total,
-        }
+        """running, waiting, kv_blocks_used, kv_blocks_total."""
+        return self.runner.stats()
 
     def check(self, request: GenerationRequest) -> None:
         """Reject what can never run, before it is queued."""
@@ -139,7 +134,7 @@ class AsyncEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Leaving early (break, cancel, aclose) aborts it."""
         self.check(request)
-        if not self.runner.alive or self.runner.error is not None:
+        if not self.healthy:
             raise EngineStoppedError("the engine is not running")
         lora = None
         if request.adapter is not None:

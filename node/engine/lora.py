@@ -48,6 +48,7 @@ class LoraSlotPool(LoraHook):
     def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, *, layout: str | None = None):
         cfg = model.cfg
         self.num_slots = num_slots
+        self.num_layers = cfg.num_layers
         self.max_rank = max_rank
         self.layout = layout or ("stacked" if model.device.type == "cuda" else "fused")
         if self.layout not in ("stacked", "fused"):
@@ -109,16 +110,6 @@ class LoraSlotPool(LoraHook):
         assert self._refs[slot] > 0, f"slot {slot} released more often than acquired"
         self._refs[slot] -= 1
 
-    def evict(self, name: str) -> bool:
-        """Drop an unpinned adapter (e.g. it was retired); False if absent or in use."""
-        slot = self._resident.get(name)
-        if slot is None or self._refs[slot]:
-            return False
-        del self._resident[name]
-        self._free.append(slot)
-        self._free.sort(reverse=True)
-        return True
-
     def resident(self) -> list[str]:
         return list(self._resident)
 
@@ -140,7 +131,7 @@ class LoraSlotPool(LoraHook):
         # Clear only what the previous occupant wrote: its groups, its first `rank` rows/columns
         # (a full clear of a slot costs ~3x the copy of a rank-8 SmolLM2 adapter).
         old_rank = int(self.ranks[slot])
-        for layer in range(self._num_layers()):
+        for layer in range(self.num_layers):
             for g in self._groups[slot]:
                 if self.layout == "stacked":
                     self.A[layer][g][slot, :, :old_rank].zero_()
@@ -167,9 +158,6 @@ class LoraSlotPool(LoraHook):
         self.ranks[slot] = r
         self._groups[slot] = frozenset(MODULE_GROUP[m] for m in adapter.target_modules)
         self.loads += 1
-
-    def _num_layers(self) -> int:
-        return len(self.A) if self.layout == "stacked" else len(self.W_ext)
 
     # -- per step ---------------------------------------------------------------------------------
 

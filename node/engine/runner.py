@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -28,16 +27,6 @@ from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[GenerationOutput], None]
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    steps: int
-    generated_tokens: int
 
 
 class EngineRunner:
@@ -65,9 +54,8 @@ class EngineRunner:
         self.scheduler = Scheduler(
             self.kv, max_num_seqs, max_prefill_tokens, acquire=self._acquire_slot, release=self._release_slot
         )
-        self._callbacks: dict[str, OutputCallback] = {}
-        self._seqs: dict[str, Sequence] = {}
-        self._inbox: list[tuple[Sequence, OutputCallback]] = []
+        self._seqs: dict[str, Sequence] = {}  # by request id: everything submitted and not finished
+        self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
         self._cond = threading.Condition()
         self._stop = False
@@ -100,6 +88,7 @@ class EngineRunner:
             raise ValueError("this engine was built without LoRA slots")
         seq = Sequence(
             lora=lora,
+            callback=callback,
             request=request,
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             generator=make_generator(request.sampling),
@@ -109,7 +98,7 @@ class EngineRunner:
         with self._cond:
             if self._stop or self.error is not None:
                 raise EngineStoppedError("the engine is not running")
-            self._inbox.append((seq, callback))
+            self._inbox.append(seq)
             self._cond.notify()
 
     def abort(self, request_id: str) -> None:
@@ -117,21 +106,14 @@ class EngineRunner:
             self._aborts.add(request_id)
             self._cond.notify()
 
-    def wake(self) -> None:
-        """Something the scheduler waits for changed (e.g. an adapter became ready)."""
-        with self._cond:
-            self._cond.notify()
-
-    def stats(self) -> EngineStats:
+    def stats(self) -> dict[str, int]:
         alloc = self.kv.allocator
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-            kv_blocks_used=alloc.num_used,
-            kv_blocks_total=alloc.num_blocks,
-            steps=self.steps,
-            generated_tokens=self.generated_tokens,
-        )
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": alloc.num_used,
+            "kv_blocks_total": alloc.num_blocks,
+        }
 
     # -- the engine thread ---------------------------------------------------------------------
 
@@ -159,8 +141,7 @@ class EngineRunner:
                         break
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, set()
-                for seq, callback in inbox:
-                    self._callbacks[seq.request_id] = callback
+                for seq in inbox:
                     self._seqs[seq.request_id] = seq
                     self.scheduler.add(seq)
                 for request_id in aborts:
@@ -182,17 +163,12 @@ class EngineRunner:
         caller waits forever; submit() refuses new ones from here on."""
         with self._cond:
             inbox, self._inbox = self._inbox, []
-        pending = [(seq, cb) for seq, cb in inbox] + [
-            (seq, self._callbacks.get(rid)) for rid, seq in self._seqs.items()
-        ]
+        pending = inbox + list(self._seqs.values())
         self._seqs.clear()
-        self._callbacks.clear()
-        for seq, callback in pending:
-            if callback is None:
-                continue
+        for seq in pending:
             out = GenerationOutput(seq.request_id, [], "", seq.num_prompt, seq.num_generated, FinishReason.ABORT)
             try:
-                callback(out)
+                seq.callback(out)
             except Exception:  # noqa: BLE001 - one broken consumer must not keep the others waiting
                 log.exception("could not notify request %s", seq.request_id)
 
@@ -237,14 +213,10 @@ class EngineRunner:
     def _finish(self, seq: Sequence, reason: FinishReason, text: str, tokens: list[int] | None = None) -> None:
         self.scheduler.finish(seq, reason)
         self._emit(seq, tokens or [], text, reason)
-        self._callbacks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
 
     def _emit(self, seq: Sequence, tokens: list[int], text: str, reason: FinishReason | None) -> None:
-        callback = self._callbacks.get(seq.request_id)
-        if callback is None:
-            return
-        callback(
+        seq.callback(
             GenerationOutput(
                 request_id=seq.request_id,
                 token_ids=tokens,

@@ -20,7 +20,7 @@ from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import SeqWork
 from node.engine.detokenizer import IncrementalDetokenizer
 from node.engine.kv_cache import KVCache
-from node.engine.types import FinishReason, GenerationRequest
+from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
 
 
 class SeqStatus(enum.Enum):
@@ -33,6 +33,7 @@ class SeqStatus(enum.Enum):
 class Sequence:
     request: GenerationRequest
     lora: LoraAdapter | None
+    callback: Callable[[GenerationOutput], None]  # where its outputs go (called on the engine thread)
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + generated
