@@ -64,6 +64,8 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
         (["serve", "--model", "/no/such/model"], "model directory /no/such/model does not exist"),
         (["serve", "--port", "eighty"], "--port: Input should be a valid integer"),
         (["serve", "--dtype", "float8"], "--dtype: String should match pattern"),
+        (["serve", "--device", "banana"], "--device: String should match pattern"),
+        (["serve", "--ipfs-timeout", "0"], "--ipfs-timeout: Input should be greater than 0"),
         (["model", "prepare", "--model", "/no/such/model"], "does not exist"),
     ],
 )
@@ -122,3 +124,10 @@ def test_model_prepare_bundled_model(smollm2_dir):
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == smollm2_dir
     assert (smollm2_dir / "config.json").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_serve_on_cuda_without_cuda_is_one_line(capsys):
+    assert main(["serve", "--device", "cuda"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("openlora: error: --device") and "CUDA is not available" in line
