@@ -32,12 +32,14 @@ from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
 from node.engine.prepare import prepare_model
+from node.threads import run_in_fresh_thread
 
 
 def make_adapters(base_dir: Path, root: Path, n: int) -> list[Path]:
     """n distinct rank-8 q/k/v/o adapters: one written by PEFT, the rest with its layout and config
     and fresh random weights (PEFT itself would take ~0.5 s each)."""
-    template = make_random_adapter(base_dir, root / "a000", rank=8, seed=0, std=0.02)
+    # in a thread of its own, like every torch job outside the engine thread (node/threads.py)
+    template = run_in_fresh_thread(lambda: make_random_adapter(base_dir, root / "a000", rank=8, seed=0, std=0.02))
     tensors = load_file(template / "adapter_model.safetensors")
     out = [template]
     for i in range(1, n):

@@ -4,7 +4,10 @@ Workload (fixed seed): N requests with prompt lengths 16-256 and output lengths 
 EOS ignored so every request produces exactly its length. Ours gets all requests at once with
 max_num_seqs = N; transformers gets them as one left-padded batch of N and, being a static batch,
 runs until the longest output is done (min_new_tokens forces the same lengths; only each request's
-own tokens count as useful). Runs are interleaved and repeated; the table shows medians.
+own tokens count as useful). Runs are interleaved and repeated; the table shows medians. Each
+system has the machine to itself: transformers loads and runs in threads of their own that end
+with their work, and our engine is stopped meanwhile (node/threads.py: two OpenMP pools in one
+process slow both down).
 
     .venv/bin/python scripts/bench_engine.py [--quick]
 """
@@ -24,6 +27,7 @@ from node.config import Settings
 from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
+from node.threads import run_in_fresh_thread
 
 
 def workload(n: int, max_prompt: int, max_out: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -98,21 +102,22 @@ def main() -> None:
     path = prepare_model(settings)
     engine = AsyncEngine.load(settings)
     dtype = resolve_dtype(settings)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    hf = run_in_fresh_thread(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
 
     async def bench():
-        await engine.start()
-        try:
-            await run_ours(engine, reqs[:4])  # warm-up
-            run_hf(hf, reqs[:4], pad)
-            ours, theirs = [], []
-            for _ in range(repeats):  # interleaved: machine noise hits both alike
+        run_in_fresh_thread(run_hf, hf, reqs[:4], pad)  # warm-up
+        ours, theirs = [], []
+        for i in range(repeats):  # interleaved: machine noise hits both alike
+            await engine.start()
+            try:
+                if i == 0:
+                    await run_ours(engine, reqs[:4])  # warm-up
                 ours.append(await run_ours(engine, reqs))
-                theirs.append(run_hf(hf, reqs, pad))
-            return ours, theirs
-        finally:
-            await engine.stop()
+            finally:
+                await engine.stop()
+            theirs.append(run_in_fresh_thread(run_hf, hf, reqs, pad))
+        return ours, theirs
 
     ours, theirs = asyncio.run(bench())
     med = {

@@ -6,7 +6,10 @@ assigned an adapter round-robin, exactly 64 new tokens each (EOS ignored everywh
   (a) our engine, all requests at once (max_num_seqs 32, 16 LoRA slots)
   (b) PEFT, all adapters loaded, one batched generate(..., adapter_names=[...]) of 32 (left padded)
   (c) our engine, the same requests on the base model
-Runs are interleaved and repeated; the table shows medians.
+Runs are interleaved and repeated; the table shows medians. Every system gets the machine to itself:
+set-up and PEFT run in threads of their own that end with their work, and our engine is stopped
+while PEFT runs, so that only one thread at a time has an OpenMP pool (node/threads.py: a second
+pool slows both sides down, by 1.5-2x on the 2-core CI machine).
 
     .venv/bin/python scripts/bench_multilora.py [--quick]
 """
@@ -30,6 +33,7 @@ from node.config import Settings
 from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
+from node.threads import run_in_fresh_thread
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -80,14 +84,21 @@ def main() -> None:
     args = ap.parse_args()
     n_req, n_adapters, new_tokens, repeats = (16, 8, 32, 2) if args.quick else (32, 16, 64, 3)
 
-    base_dir = prepare_model(Settings())
     dtype = resolve_dtype(Settings(dtype=args.dtype))
     work = Path(tempfile.mkdtemp(prefix="bench-multilora-"))
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     names = [f"bench-{i:02d}" for i in range(n_adapters)]
-    for i, name in enumerate(names):
-        make_random_adapter(base_dir, work / name, rank=8, alpha=16, seed=1000 + i, std=0.02, base_model=base)
 
+    def build_peft() -> PeftModel:
+        base_dir = prepare_model(Settings())
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        for i, name in enumerate(names):
+            make_random_adapter(base_dir, work / name, rank=8, alpha=16, seed=1000 + i, std=0.02, base_model=base)
+        peft = PeftModel.from_pretrained(base.to(dtype), work / names[0], adapter_name=names[0])
+        for name in names[1:]:
+            peft.load_adapter(work / name, adapter_name=name)
+        return peft.eval()
+
+    peft = run_in_fresh_thread(build_peft)
     engine = AsyncEngine.load(
         Settings(
             adapters_dir=work, max_loras=n_adapters, max_lora_rank=8, max_num_seqs=n_req, host_adapters=n_adapters,
@@ -96,26 +107,25 @@ def main() -> None:
     )  # fmt: skip
     prompts = chat_prompts(engine.tokenizer, n_req)
     assigned = [names[i % n_adapters] for i in range(n_req)]
-
-    peft = PeftModel.from_pretrained(base.to(dtype), work / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(work / name, adapter_name=name)
-    peft.eval()
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
 
+    def peft_alone(p: list[list[int]], a: list[str], n: int) -> float:
+        return run_in_fresh_thread(run_peft, peft, p, a, n, pad)
+
     async def bench():
-        await engine.start()
-        try:
-            await tokens_per_s(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
-            run_peft(peft, prompts[:4], assigned[:4], 4, pad)
-            res: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
-            for _ in range(repeats):
+        res: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
+        peft_alone(prompts[:4], assigned[:4], 4)  # warm-up
+        for i in range(repeats):
+            await engine.start()
+            try:
+                if i == 0:
+                    await tokens_per_s(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
                 res["ours"].append(await tokens_per_s(engine, prompts, assigned, new_tokens))
                 res["base"].append(await tokens_per_s(engine, prompts, [None] * n_req, new_tokens))
-                res["peft"].append(run_peft(peft, prompts, assigned, new_tokens, pad))
-            return res
-        finally:
-            await engine.stop()
+            finally:
+                await engine.stop()
+            res["peft"].append(peft_alone(prompts, assigned, new_tokens))
+        return res
 
     res = asyncio.run(bench())
     med = {k: statistics.median(v) for k, v in res.items()}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
 from node.adapters.peft_format import BaseModelShape, LoraAdapter, load_adapter
 from node.adapters.sources import AdapterSource
+from node.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ class AdapterManager:
             path = await entry.source.fetch(entry.name)
             entry.state = AdapterState.VERIFIED
             load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
-            adapter = await loop.run_in_executor(None, load)
+            # a fresh thread per load: its OpenMP pool, if any, ends with it (node.threads)
+            adapter = await loop.run_in_executor(None, run_in_fresh_thread, load)
         except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
             self._forget_stale_failures()
             entry.failures += 1

@@ -23,6 +23,7 @@ from node.engine.model import LlamaModel, ModelConfig
 from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
 from node.engine.runner import EngineRunner, set_threads
 from node.engine.types import GenerationOutput, GenerationRequest
+from node.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,14 @@ class AsyncEngine:
 
     @classmethod
     def load(cls, settings: Settings, *, progress: bool = False) -> AsyncEngine:
-        """Blocking: prepares (if needed) and loads the model. Run it in an executor."""
+        """Blocking: prepares (if needed) and loads the model. Run it in an executor.
+
+        The work runs in a thread of its own, so that its OpenMP pool ends with it (see
+        node.threads): the engine thread is then the only one with a pool."""
+        return run_in_fresh_thread(cls._load, settings, progress, name="openlora-load")
+
+    @classmethod
+    def _load(cls, settings: Settings, progress: bool) -> AsyncEngine:
         set_threads(settings.threads)
         path = prepare_model(settings, progress=progress)
         try:

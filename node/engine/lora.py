@@ -4,11 +4,15 @@ A slot is taken when a sequence using the adapter is admitted and released when 
 adapter stays resident after its last sequence (a later request reuses it for free) until the slot
 is needed, least recently used first. Slots referenced by running sequences are pinned.
 
-Two weight layouts, chosen by measurement (docs/architecture.md):
+Three weight layouts, chosen by measurement (docs/architecture.md):
 
 - `stacked` (CUDA): per layer and group one stacked A [S, n, R, H_in] and B [S, N, R], the layout
   of `kernels.add_lora` (Triton on the GPU; the torch reference elsewhere).
-- `fused` (CPU): the slots' A rows are appended below the base weight, W_ext = [W; A] of shape
+- `native` (CPU, where `kernels.cpu` builds): the stacked tensors, B stored as [S, R, N] (a
+  transposed view gives [S, N, R]) so that the C kernel's expand runs along contiguous columns.
+  One call per layer and group after the base GEMM; it reads only the slots in use, up to their
+  ranks, and its arguments are packed once (weights at start, segments once per step).
+- `fused` (CPU without a C compiler): the slots' A rows are appended below the base weight, W_ext = [W; A] of shape
   [N + S*n*R, H_in], and the model's weight is a view of its first N rows. One GEMM then yields
   the base projection and every token's product with every slot's A; `coef` keeps each token's own
   slot (times its scale) and one more GEMM against a block-diagonal B_ext [S*n*R, N] adds the
@@ -25,15 +29,19 @@ Groups and slices (SmolLM2: hidden 576, q 576, kv 192, intermediate 1536):
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+import kernels.cpu
 from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import StepBatch
 from node.engine.model import LlamaModel, LoraHook
+
+log = logging.getLogger(__name__)
 
 GROUP_MODULES = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -44,29 +52,55 @@ GROUP_MODULES = {
 MODULE_GROUP = {m: g for g, mods in GROUP_MODULES.items() for m in mods}
 
 
+def default_layout(model: LlamaModel) -> str:
+    """stacked on CUDA; on a CPU native where the C kernel builds for the model's dtype, else fused."""
+    if model.device.type == "cuda":
+        return "stacked"
+    return "native" if model.dtype in kernels.cpu.DTYPES and kernels.cpu.available() else "fused"
+
+
 class LoraSlotPool(LoraHook):
     def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, *, layout: str | None = None):
         cfg = model.cfg
         self.num_slots = num_slots
         self.num_layers = cfg.num_layers
         self.max_rank = max_rank
-        self.layout = layout or ("stacked" if model.device.type == "cuda" else "fused")
-        if self.layout not in ("stacked", "fused"):
+        self.layout = layout or default_layout(model)
+        if self.layout not in ("stacked", "native", "fused"):
             raise ValueError(f"unknown LoRA weight layout {self.layout!r}")
+        if self.layout == "native" and not (model.device.type == "cpu" and kernels.cpu.available()):
+            raise ValueError(
+                f"the native layout needs a CPU model and the native kernel ({kernels.cpu.unavailable_reason()})"
+            )
         h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
         dims = {"qkv": (h, (q, kv, kv)), "o": (q, (h,)), "gate_up": (h, (i, i)), "down": (i, (h,))}
         self.offsets = {g: tuple(sum(outs[:k]) for k in range(len(outs) + 1)) for g, (_, outs) in dims.items()}
         self.n_slices = {g: len(outs) for g, (_, outs) in dims.items()}
         dtype, device, S, R = model.dtype, model.device, num_slots, max_rank
-        if self.layout == "stacked":
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        if self.layout in ("stacked", "native"):
             self.A = [
                 {g: torch.zeros(S, len(outs), R, fan_in, dtype=dtype, device=device) for g, (fan_in, outs) in dims.items()}
                 for _ in range(cfg.num_layers)
             ]  # fmt: skip
-            self.B = [
-                {g: torch.zeros(S, self.offsets[g][-1], R, dtype=dtype, device=device) for g in dims}
-                for _ in range(cfg.num_layers)
-            ]
+            if self.layout == "stacked":
+                self.B = [
+                    {g: torch.zeros(S, self.offsets[g][-1], R, dtype=dtype, device=device) for g in dims}
+                    for _ in range(cfg.num_layers)
+                ]
+            else:
+                self.B = [
+                    {
+                        g: torch.zeros(S, R, self.offsets[g][-1], dtype=dtype, device=device).transpose(1, 2)
+                        for g in dims
+                    }
+                    for _ in range(cfg.num_layers)
+                ]
+                self.native = [
+                    {g: kernels.cpu.LoraWeights(A[g], B[g], self.scales, self.ranks, self.offsets[g]) for g in dims}
+                    for A, B in zip(self.A, self.B)
+                ]
         else:
             self.W_ext, self.B_ext = [], []
             for lw in model.layers:
@@ -81,14 +115,13 @@ class LoraSlotPool(LoraHook):
                     b_ext[g] = torch.zeros(S * len(outs) * R, N, dtype=dtype, device=device)
                 self.W_ext.append(w_ext)
                 self.B_ext.append(b_ext)
-        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
-        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self._groups: list[frozenset[str]] = [frozenset()] * num_slots  # groups each slot's adapter touches
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self._refs = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # lowest first: keeps the slots in use a short prefix
         self.loads = 0  # adapters written into a slot (misses)
         model.lora = self
+        log.info("LoRA slots: %d of rank <= %d, %s layout", num_slots, max_rank, self.layout)
 
     # -- residency (engine thread) ---------------------------------------------------------------
 
@@ -133,7 +166,7 @@ class LoraSlotPool(LoraHook):
         old_rank = int(self.ranks[slot])
         for layer in range(self.num_layers):
             for g in self._groups[slot]:
-                if self.layout == "stacked":
+                if self.layout != "fused":
                     self.A[layer][g][slot, :, :old_rank].zero_()
                     self.B[layer][g][slot, :, :old_rank].zero_()
                 else:
@@ -147,7 +180,7 @@ class LoraSlotPool(LoraHook):
             group = MODULE_GROUP[module]
             i = GROUP_MODULES[group].index(module)
             lo, hi = self.offsets[group][i], self.offsets[group][i + 1]
-            if self.layout == "stacked":
+            if self.layout != "fused":
                 self.A[layer][group][slot, i, :r].copy_(a)
                 self.B[layer][group][slot, lo:hi, :r].copy_(b)
             else:
@@ -168,8 +201,10 @@ class LoraSlotPool(LoraHook):
             return
         slots = {s for s in batch.lora_slots.tolist() if s >= 0}
         batch.extra["lora_groups"] = frozenset().union(*(self._groups[s] for s in slots))
-        if self.layout == "stacked":
-            batch.lora_meta = kernels.build_lora_meta(batch.lora_slots)
+        if self.layout != "fused":
+            batch.lora_meta = meta = kernels.build_lora_meta(batch.lora_slots)
+            if self.layout == "native":
+                batch.extra["segments"] = kernels.cpu.LoraSegments(meta)
             return
         used = max(slots) + 1  # slots [0, used) take part: a prefix, as free slots go lowest first
         coef = torch.zeros(batch.num_tokens, used, dtype=torch.float32)
@@ -184,7 +219,11 @@ class LoraSlotPool(LoraHook):
     ) -> torch.Tensor:
         if batch.lora_meta is None or group not in batch.extra["lora_groups"]:
             return F.linear(x, weight, bias)  # base-only step, or no adapter in it targets this group
-        if self.layout == "stacked":
+        if self.layout == "native":
+            y = F.linear(x, weight, bias)
+            kernels.cpu.apply(y, x, self.native[layer][group], batch.extra["segments"])
+            return y
+        if self.layout != "fused":
             y = F.linear(x, weight, bias)
             A, B = self.A[layer][group], self.B[layer][group]
             kernels.add_lora(y, x, A, B, self.scales, self.ranks, self.offsets[group], batch.lora_meta)

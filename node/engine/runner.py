@@ -67,6 +67,11 @@ class EngineRunner:
     # -- called from other threads -------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread (again, after stop(): its OpenMP pool went with the old thread)."""
+        if self.alive:
+            return
+        self._stop = False
+        self.error = None
         self._thread = threading.Thread(target=self._loop, name="openlora-engine", daemon=True)
         self._thread.start()
 

@@ -84,10 +84,11 @@ def _shape(model: LlamaModel, name: str, path: Path) -> BaseModelShape:
     return BaseModelShape(name, (str(path),), c.num_layers, c.hidden_size, c.intermediate_size, c.q_size, c.kv_size)
 
 
-@pytest.mark.parametrize("layout", ["fused", "stacked"])
+@pytest.mark.parametrize("layout", ["native", "fused", "stacked"])
 def test_mixed_batch_logits_match_peft(tiny_model_dir, adapters_dir, layout):
     """One forward pass: 9 sequences with 9 adapters (mixed ranks/targets) plus a base-only one,
-    in both weight layouts (fused: the CPU path; stacked: the kernels' layout, the GPU path)."""
+    in every weight layout (native: the CPU path, the C kernel; fused: the CPU path without a
+    C compiler; stacked: the kernels' layout, the GPU path)."""
     model = LlamaModel.from_pretrained(tiny_model_dir)
     pool = LoraSlotPool(model, num_slots=len(SPECS), max_rank=16, layout=layout)
     shape = _shape(model, "tiny", tiny_model_dir)

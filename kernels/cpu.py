@@ -1,0 +1,263 @@
+"""The native CPU kernel: add_lora in C (csrc/lora_cpu.c), compiled on first use and loaded with ctypes.
+
+    if kernels.cpu.available():
+        kernels.cpu.add_lora(y, x, A, B, scales, ranks, slice_offsets, meta)  # kernels.add_lora's semantics
+
+        w = kernels.cpu.LoraWeights(A, B, scales, ranks, slice_offsets)  # or: once per layer and group,
+        seg = kernels.cpu.LoraSegments(meta)                             # once per step,
+        kernels.cpu.apply(y, x, w, seg)                                  # and per call only this
+
+Why C and not torch ops: on a CPU every torch op of a layer pays its dispatch once the layer's
+weights have flushed the caches (30-70 us measured inside a decode step), and any dense torch
+formulation multiplies every token by every slot in use. The C kernel is one call per layer and
+group that reads only the slots in use, up to their ranks (docs/kernels.md has the numbers).
+
+The shared object is built with the system C compiler (`$CC`, else `cc`, `gcc`, `clang`) for this
+CPU (`-march=native`, plus `$OPENLORA_KERNEL_CFLAGS`) into `$OPENLORA_KERNEL_CACHE` (default
+`~/.cache/openlora/kernels`), keyed by the source, the flags, the compiler and the CPU, so a build
+happens once per machine (about a second). With AVX512-BF16 the bf16 kernel multiplies bf16
+pairs directly (vdpbf16ps); elsewhere the portable C, vectorized by the compiler, serves. Where
+there is no compiler, or the build fails, `available()` is False and `unavailable_reason()`
+says why; callers then use the torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from kernels.checks import check_add
+from kernels.meta import LoraMeta
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("csrc")
+_SOURCES = ("lora_cpu.c", "lora_cpu_impl.h")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11") + (
+    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+)
+_FUNCTIONS = {torch.bfloat16: "openlora_add_lora_bf16", torch.float32: "openlora_add_lora_f32"}
+DTYPES = tuple(_FUNCTIONS)
+
+_lock = threading.Lock()
+_lib: dict[torch.dtype, ctypes._CFuncPtr] | None = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPENLORA_KERNEL_CACHE") or Path.home() / ".cache" / "openlora" / "kernels")
+
+
+def available() -> bool:
+    """Whether the native kernel is (or can be) built and loaded here; builds it on first call."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel is not available (None when it is, or before the first `available()`)."""
+    return _error
+
+
+class _Weights(ctypes.Structure):
+    _fields_ = (
+        [("A", ctypes.c_void_p)] + [(f, ctypes.c_int64) for f in ("a_s", "a_i", "a_j")]
+        + [("B", ctypes.c_void_p)] + [(f, ctypes.c_int64) for f in ("b_s", "b_c", "b_j")]
+        + [("scales", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("offsets", ctypes.c_void_p)]
+        + [(f, ctypes.c_int64) for f in ("S", "n", "H", "R")]
+    )  # fmt: skip
+
+
+class _Segments(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_void_p) for f in ("sorted_tokens", "seg_slots", "seg_starts")] + [
+        ("nseg", ctypes.c_int64),
+        ("nthreads", ctypes.c_int64),
+    ]
+
+
+class LoraWeights:
+    """One layer and group's stacked A [S, n, R, H] and B [S, N, R] with the pool's scales and
+    ranks, checked once and packed for the kernel; the tensors are kept alive (the kernel reads
+    them in place, so later writes into them are seen)."""
+
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scales: torch.Tensor,
+        ranks: torch.Tensor,
+        slice_offsets: tuple[int, ...],
+    ):
+        if _load() is None:
+            raise RuntimeError(f"the native LoRA kernel is not available: {_error}")
+        if A.dim() != 4:
+            raise ValueError(f"A must be [S, n_slices, R, H_in], got {tuple(A.shape)}")
+        S, n, R, H = A.shape
+        if A.device.type != "cpu" or A.dtype not in _FUNCTIONS or B.dtype != A.dtype or A.stride(-1) != 1:
+            raise TypeError(
+                f"A and B must be CPU tensors of one of {DTYPES} with contiguous rows, got {A.dtype}, {B.dtype}"
+            )
+        if B.dim() != 3 or B.shape[0] != S or B.shape[2] != R or B.shape[1] != slice_offsets[-1]:
+            raise ValueError(f"B must be [S={S}, N={slice_offsets[-1]}, R={R}], got {tuple(B.shape)}")
+        if (
+            len(slice_offsets) != n + 1
+            or slice_offsets[0] != 0
+            or any(a >= b for a, b in zip(slice_offsets, slice_offsets[1:]))
+        ):
+            raise ValueError(f"slice_offsets {tuple(slice_offsets)} must rise strictly from 0 in {n} steps")
+        if scales.dtype != torch.float32 or ranks.dtype != torch.int32 or scales.shape != (S,) or ranks.shape != (S,):
+            raise TypeError("scales must be float32 [S] and ranks int32 [S]")
+        if not (scales.is_contiguous() and ranks.is_contiguous()):
+            raise ValueError("scales and ranks must be contiguous")
+        self.dtype, self.S, self.n, self.H, self.N = A.dtype, S, n, H, slice_offsets[-1]
+        self._keep = (A, B, scales, ranks, torch.tensor(slice_offsets, dtype=torch.int64))
+        self.struct = _Weights(
+            A.data_ptr(), *A.stride()[:3], B.data_ptr(), *B.stride(), scales.data_ptr(), ranks.data_ptr(),
+            self._keep[-1].data_ptr(), S, n, H, R,
+        )  # fmt: skip
+        self.ref = ctypes.addressof(self.struct)
+
+
+class LoraSegments:
+    """One step's segments (a LoraMeta on the CPU), packed for the kernel."""
+
+    def __init__(self, meta: LoraMeta, threads: int | None = None):
+        if meta.sorted_token_ids.device.type != "cpu":
+            raise ValueError("the native kernel needs the step's LoraMeta on the CPU")
+        self.meta = meta
+        self.struct = _Segments(
+            meta.sorted_token_ids.data_ptr(), meta.slot_ids.data_ptr(), meta.starts.data_ptr(), meta.num_segments,
+            threads or torch.get_num_threads(),
+        )  # fmt: skip
+        self.ref = ctypes.addressof(self.struct)
+
+
+def apply(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, segments: LoraSegments) -> None:
+    """y += the LoRA update of x (add_lora's semantics) for prepacked weights and segments.
+
+    The engine's per-layer call: shapes and dtypes are checked (cheap attribute reads); the
+    weights' and segments' own checks were done once when they were packed.
+    """
+    if y.dtype != weights.dtype or x.dtype != weights.dtype or y.device.type != "cpu" or x.device.type != "cpu":
+        raise TypeError(f"y and x must be CPU {weights.dtype} tensors, got {y.dtype} and {x.dtype}")
+    T = segments.meta.num_tokens
+    if y.shape != (T, weights.N) or x.shape != (T, weights.H) or y.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"y must be [{T}, {weights.N}] and x [{T}, {weights.H}] with contiguous rows")
+    if not segments.meta.has_lora:
+        return
+    rc = _load()[weights.dtype](y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), weights.ref, segments.ref)
+    if rc == -2:
+        raise IndexError(f"a segment's slot is outside the {weights.S} slots of the weights")
+    if rc != 0:
+        raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    meta: LoraMeta,
+    *,
+    threads: int | None = None,
+) -> None:
+    """Semantics and shapes of kernels.add_lora (y updated in place), on CPU fp32/bf16 tensors.
+
+    Packs the arguments on every call; the engine packs weights once (LoraWeights) and segments
+    once per step (LoraSegments) and calls `apply`. threads: how many of torch's OpenMP threads
+    to use (default torch.get_num_threads()).
+    """
+    check_add(y, x, A, B, scales, ranks, slice_offsets, meta)
+    if not meta.has_lora:
+        return
+    apply(y, x, LoraWeights(A, B, scales, ranks, tuple(slice_offsets)), LoraSegments(meta, threads))
+
+
+def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _error = str(e)
+                log.warning("native CPU LoRA kernel unavailable (%s); using the torch path", e)
+                return None
+            fns = {}
+            for dtype, name in _FUNCTIONS.items():
+                fn = getattr(lib, name)
+                fn.restype = ctypes.c_int
+                fn.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                ]
+                fns[dtype] = fn
+            _lib = fns
+    return _lib
+
+
+def _compiler() -> str:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+
+
+def _build() -> Path:
+    """The compiled shared object for this source, compiler and CPU; built if not cached."""
+    cc = _compiler()
+    flags = (*_FLAGS, *shlex.split(os.environ.get("OPENLORA_KERNEL_CFLAGS", "")))
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for name in _SOURCES:
+        key.update((_SRC / name).read_bytes())
+    key.update(repr((flags, cc, version, platform.machine(), _cpu_flags())).encode())
+    target = cache_dir() / f"lora_cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run(
+            [cc, *flags, f"-I{_SRC}", str(_SRC / "lora_cpu.c"), "-o", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise RuntimeError(f"{cc} failed to build the kernel (exit {proc.returncode}): {first}")
+        os.replace(out, target)  # atomic: a concurrent build of the same key just wins or loses the race
+    log.info("built the native CPU LoRA kernel: %s", target)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    seen: dict[str, str] = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+            seen[key] = line
+    return "\n".join(seen.values())

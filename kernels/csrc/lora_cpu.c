@@ -1,0 +1,150 @@
+/*
+ * Multi-LoRA on the CPU: kernels.add_lora in one call per layer and projection group.
+ *
+ * Semantics (those of kernels.add_lora):
+ *     y[t, o_i:o_{i+1}] += scale[s] * (x[t] @ A[s, i, :rank[s]].T) @ B[s, o_i:o_{i+1}, :rank[s]].T
+ * for every token t with slot s = slot[t] >= 0; base-only tokens are not visited.
+ *
+ * Arguments: y [T, N] (row stride ldy, updated in place), x [T, H] (row stride ldx), and two
+ * structs that stay the same across calls: the weights of one layer and group (struct
+ * lora_weights) and the segments of one step (struct lora_segments). Strides are in elements;
+ * the last dimension of x, y and A is contiguous.
+ *
+ * Work: each segment is cut into blocks of up to TB tokens. A block converts its activations to
+ * fp32 once, then reads each A row and each B row of its slot once for all of its tokens (fp32
+ * accumulation, one rounding when y is written back). Only the slots in use are read, each up to
+ * its rank, and nothing is multiplied by padding: a decode step of 32 tokens on 16 adapters reads
+ * every adapter once and does 32 tokens' worth of rank-r work, where a dense formulation does
+ * 32 x 16. Blocks are spread over the OpenMP runtime torch itself loaded (libgomp.so.1), so the
+ * kernel shares torch's threads instead of starting a second pool.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TB 8    /* tokens per block */
+#define CH 512  /* output columns per expand chunk */
+
+typedef uint16_t bf16;
+
+struct lora_weights {
+    const void *A;                /* [S, n, R, H], strides (a_s, a_i, a_j, 1) */
+    int64_t a_s, a_i, a_j;
+    const void *B;                /* [S, N, R], strides (b_s, b_c, b_j): the engine stores B as [S, R, N]  */
+    int64_t b_s, b_c, b_j;        /* (b_c == 1) so that the expand runs along contiguous output columns */
+    const float *scales;          /* [S] */
+    const int32_t *ranks;         /* [S], each <= R */
+    const int64_t *offsets;       /* [n + 1], from 0 to N: the slices' output columns */
+    int64_t S, n, H, R;
+};
+
+struct lora_segments {            /* kernels.meta.LoraMeta: the step's tokens grouped by slot */
+    const int32_t *sorted_tokens; /* [T] */
+    const int32_t *seg_slots;     /* [G], -1 = base only (skipped) */
+    const int32_t *seg_starts;    /* [G + 1] */
+    int64_t nseg;
+    int64_t nthreads;             /* OpenMP threads to use */
+};
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u); /* NaN stays a (quiet) NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float f32_same(float v) { return v; }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_AVX512_BF16 1
+
+/* bf16 block with AVX512-BF16: the shrink multiplies bf16 pairs straight from memory into fp32
+ * (vdpbf16ps, no conversion pass), the expand widens each B row chunk once for all tokens of
+ * the block and keeps their accumulators in registers. While it reads its slot's A and B it
+ * prefetches the same lines of the thread's next slot (A_next, B_next; NULL for none): the
+ * weights come from memory, not cache, and a decode step is a chain of small per-slot reads.
+ * Same contract as lora_block_bf16 otherwise. */
+static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t ldx, const bf16 *A, int64_t a_i,
+                                   int64_t a_j, const bf16 *B, int64_t b_c, int64_t b_j, float scale, int r,
+                                   const int32_t *tokens, int nt, const int64_t *offsets, int n, int64_t H,
+                                   float *z, const bf16 *A_next, const bf16 *B_next, int r_next) {
+    const bf16 *xs[TB];
+    for (int b = 0; b < nt; b++) xs[b] = x + (int64_t)tokens[b] * ldx;
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < r; j++) {
+            const bf16 *ar = A + i * a_i + j * a_j;
+            const bf16 *an = A_next && j < r_next ? A_next + i * a_i + j * a_j : NULL;
+            __m512 acc[TB];
+            for (int b = 0; b < nt; b++) acc[b] = _mm512_setzero_ps();
+            for (int64_t h = 0; h < H; h += 32) {
+                if (an) _mm_prefetch((const char *)(an + h), _MM_HINT_T0);
+                __mmask32 m = H - h >= 32 ? 0xffffffffu : (__mmask32)((1u << (H - h)) - 1u);
+                __m512i a = _mm512_maskz_loadu_epi16(m, ar + h);
+                for (int b = 0; b < nt; b++)
+                    acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, xs[b] + h), (__m512bh)a);
+            }
+            for (int b = 0; b < nt; b++) z[(b * n + i) * r + j] = _mm512_reduce_add_ps(acc[b]) * scale;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        for (int64_t c = offsets[i]; c < offsets[i + 1]; c += 16) {
+            int64_t w = offsets[i + 1] - c;
+            __mmask16 m = w >= 16 ? 0xffff : (__mmask16)((1u << w) - 1u);
+            __m512 acc[TB];
+            for (int b = 0; b < nt; b++) {
+                __m256i yv = _mm256_maskz_loadu_epi16(m, y + (int64_t)tokens[b] * ldy + c);
+                acc[b] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(yv), 16));
+            }
+            for (int j = 0; j < r; j++) {
+                __m256i bv16;
+                if (b_c == 1) {
+                    if (B_next && j < r_next && ((c - offsets[i]) & 31) == 0)
+                        _mm_prefetch((const char *)(B_next + c + j * b_j), _MM_HINT_T0);
+                    bv16 = _mm256_maskz_loadu_epi16(m, B + c + j * b_j);
+                } else {
+                    uint16_t tmp[16] = {0};
+                    for (int64_t q = 0; q < (w < 16 ? w : 16); q++) tmp[q] = B[(c + q) * b_c + j * b_j];
+                    bv16 = _mm256_loadu_si256((const __m256i *)tmp);
+                }
+                __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bv16), 16));
+                for (int b = 0; b < nt; b++) acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(z[(b * n + i) * r + j]), bv, acc[b]);
+            }
+            for (int b = 0; b < nt; b++)
+                _mm256_mask_storeu_epi16(y + (int64_t)tokens[b] * ldy + c, m, (__m256i)_mm512_cvtneps_pbh(acc[b]));
+        }
+    }
+}
+#endif
+
+/* lora_cpu_impl.h is the kernel, written once over ELEM (storage type), LOAD/STORE (to and
+ * from fp32) and SUFFIX, with FAST_BLOCK (when defined) replacing its portable block; it is
+ * included once per element type. */
+#define ELEM bf16
+#define LOAD bf16_to_f32
+#define STORE f32_to_bf16
+#define SUFFIX bf16
+#ifdef HAVE_AVX512_BF16
+#define FAST_BLOCK lora_block_bf16_avx512
+#endif
+#include "lora_cpu_impl.h"
+#undef FAST_BLOCK
+#undef ELEM
+#undef LOAD
+#undef STORE
+#undef SUFFIX
+
+#define ELEM float
+#define LOAD f32_same
+#define STORE f32_same
+#define SUFFIX f32
+#include "lora_cpu_impl.h"

@@ -1,0 +1,126 @@
+/* The add_lora kernel for one element type; included by lora_cpu.c (see there). */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+/* One block: nt (<= TB) tokens of one slot. xf [TB, H], row [max(H, CH)], z [TB, n, r], acc [TB, CH]
+ * are the calling thread's scratch. */
+static void FN(lora_block)(ELEM *y, int64_t ldy, const ELEM *x, int64_t ldx, const ELEM *A, int64_t a_i,
+                           int64_t a_j, const ELEM *B, int64_t b_c, int64_t b_j, float scale, int r,
+                           const int32_t *tokens, int nt, const int64_t *offsets, int n, int64_t H, float *xf,
+                           float *row, float *z, float *acc) {
+    for (int b = 0; b < nt; b++) {
+        const ELEM *xr = x + (int64_t)tokens[b] * ldx;
+        float *xb = xf + (int64_t)b * H;
+        for (int64_t h = 0; h < H; h++) xb[h] = LOAD(xr[h]);
+    }
+    /* shrink: z[b, i, j] = scale * (x[b] . A[i, j]) */
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < r; j++) {
+            const ELEM *ar = A + i * a_i + j * a_j;
+            for (int64_t h = 0; h < H; h++) row[h] = LOAD(ar[h]);
+            for (int b = 0; b < nt; b++) {
+                const float *xb = xf + (int64_t)b * H;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t h = 0; h < H; h++) s += xb[h] * row[h];
+                z[(b * n + i) * r + j] = s * scale;
+            }
+        }
+    }
+    /* expand: y[b, c] += sum_j z[b, i, j] * B[c, j] over slice i's columns, CH at a time */
+    for (int i = 0; i < n; i++) {
+        for (int64_t c0 = offsets[i]; c0 < offsets[i + 1]; c0 += CH) {
+            int64_t w = offsets[i + 1] - c0 < CH ? offsets[i + 1] - c0 : CH;
+            for (int b = 0; b < nt; b++) {
+                const ELEM *yr = y + (int64_t)tokens[b] * ldy + c0;
+                for (int64_t c = 0; c < w; c++) acc[b * CH + c] = LOAD(yr[c]);
+            }
+            for (int j = 0; j < r; j++) {
+                const ELEM *br = B + c0 * b_c + j * b_j;
+                if (b_c == 1) {
+                    for (int64_t c = 0; c < w; c++) row[c] = LOAD(br[c]);
+                } else {
+                    for (int64_t c = 0; c < w; c++) row[c] = LOAD(br[c * b_c]);
+                }
+                for (int b = 0; b < nt; b++) {
+                    float zj = z[(b * n + i) * r + j];
+                    float *ab = acc + b * CH;
+#pragma omp simd
+                    for (int64_t c = 0; c < w; c++) ab[c] += zj * row[c];
+                }
+            }
+            for (int b = 0; b < nt; b++) {
+                ELEM *yr = y + (int64_t)tokens[b] * ldy + c0;
+                for (int64_t c = 0; c < w; c++) yr[c] = STORE(acc[b * CH + c]);
+            }
+        }
+    }
+}
+
+/* Returns 0; -1 when scratch memory could not be allocated (y is then partly updated); -2 when a
+ * segment names a slot outside [0, S) (nothing is written). Ranks are clamped to [0, R]. */
+int FN(openlora_add_lora)(void *y_, int64_t ldy, const void *x_, int64_t ldx, const struct lora_weights *w,
+                          const struct lora_segments *sg) {
+    ELEM *y = (ELEM *)y_;
+    const ELEM *x = (const ELEM *)x_, *A = (const ELEM *)w->A, *B = (const ELEM *)w->B;
+    const int32_t *seg_slots = sg->seg_slots, *seg_starts = sg->seg_starts;
+    int64_t n = w->n, H = w->H, R = w->R, nblocks = 0;
+    for (int64_t g = 0; g < sg->nseg; g++) {
+        if (seg_slots[g] >= w->S) return -2;
+        if (seg_slots[g] >= 0) nblocks += (seg_starts[g + 1] - seg_starts[g] + TB - 1) / TB;
+    }
+    if (nblocks == 0) return 0;
+    int64_t *blocks = malloc(sizeof(int64_t) * 2 * nblocks); /* (segment, first position in sorted_tokens) */
+    if (!blocks) return -1;
+    int64_t k = 0;
+    for (int64_t g = 0; g < sg->nseg; g++) {
+        if (seg_slots[g] < 0) continue;
+        for (int64_t p = seg_starts[g]; p < seg_starts[g + 1]; p += TB, k++) {
+            blocks[2 * k] = g;
+            blocks[2 * k + 1] = p;
+        }
+    }
+    int64_t wide = H > CH ? H : CH;
+    int failed = 0;
+    int nthreads = sg->nthreads > nblocks ? (int)nblocks : (int)sg->nthreads;
+    if (nthreads < 1) nthreads = 1;
+    /* Each thread takes a contiguous run of blocks (consecutive slots), so it knows which slot
+     * comes next and can prefetch it. */
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t q0 = nblocks * tid / nth, q1 = nblocks * (tid + 1) / nth;
+        float *buf = malloc(sizeof(float) * (TB * H + wide + TB * n * R + TB * CH));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            float *xf = buf, *row = xf + TB * H, *z = row + wide, *acc = z + TB * n * R;
+            for (int64_t q = q0; q < q1; q++) {
+                int64_t g = blocks[2 * q], p = blocks[2 * q + 1];
+                int64_t end = seg_starts[g + 1] < p + TB ? seg_starts[g + 1] : p + TB;
+                int s = seg_slots[g];
+                int r = w->ranks[s] < 0 ? 0 : w->ranks[s] > R ? (int)R : w->ranks[s];
+#ifdef FAST_BLOCK
+                int s_next = q + 1 < q1 ? seg_slots[blocks[2 * (q + 1)]] : s;
+                int r_next = w->ranks[s_next] < 0 ? 0 : w->ranks[s_next] > R ? (int)R : w->ranks[s_next];
+                FAST_BLOCK(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j,
+                           w->scales[s], r, sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, z,
+                           s_next != s ? A + s_next * w->a_s : NULL, s_next != s ? B + s_next * w->b_s : NULL, r_next);
+#else
+                FN(lora_block)(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j,
+                               w->scales[s], r, sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, xf,
+                               row, z, acc);
+#endif
+            }
+            free(buf);
+        }
+    }
+    free(blocks);
+    return failed ? -1 : 0;
+}
+
+#undef FN
+#undef CAT
+#undef CAT_
