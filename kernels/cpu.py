@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc")
 _SOURCES = ("lora_cpu.c", "lora_cpu_impl.h")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11") + (
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Werror=implicit-function-declaration") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 )
 _FUNCTIONS = {torch.bfloat16: "openlora_add_lora_bf16", torch.float32: "openlora_add_lora_f32"}

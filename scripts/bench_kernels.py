@@ -31,6 +31,7 @@ if not torch.cuda.is_available():  # before kernels imports a @triton.jit functi
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+import kernels.cpu  # noqa: E402
 from kernels import reference  # noqa: E402
 
 # (name, H_in, slice output sizes) per projection group, fused as the engine fuses them
@@ -64,6 +65,7 @@ class Group:
     offsets: tuple[int, ...]
     x: torch.Tensor  # [T, H]
     y: torch.Tensor  # [T, N]
+    native: kernels.cpu.LoraWeights | None = None  # the CPU engine's path (B stored [S, R, N])
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Step:
     groups: list[Group]
     by_adapter: list[tuple[int, torch.Tensor]]  # (slot, token indices): the loop baseline's grouping
     lora_tokens: torch.Tensor  # [L] tokens with a slot (gather baseline)
+    segments: kernels.cpu.LoraSegments | None = None
 
 
 _LAYERS: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]]] = {}
@@ -124,13 +127,21 @@ def make_step(label, model, seq_lens, num_adapters, rank, pool_rank, dtype, devi
         for name, W, A, B, offsets in make_layer(model, rank, pool_rank, dtype, device)
     ]
     slots_d = slots.to(device)
+    scales = torch.full((NUM_SLOTS,), 2.0, device=device)
+    ranks = torch.full((NUM_SLOTS,), rank, dtype=torch.int32, device=device)
+    if device.type == "cpu" and dtype in kernels.cpu.DTYPES and kernels.cpu.available():
+        for g in groups:
+            B_engine = g.B.transpose(1, 2).contiguous().transpose(1, 2)  # the engine's storage order
+            g.native = kernels.cpu.LoraWeights(g.A, B_engine, scales, ranks, g.offsets)
+    meta = kernels.build_lora_meta(slots_d)
     return Step(
         label=label,
         slots=slots_d,
-        meta=kernels.build_lora_meta(slots_d),
-        ranks=torch.full((NUM_SLOTS,), rank, dtype=torch.int32, device=device),
-        scales=torch.full((NUM_SLOTS,), 2.0, device=device),
+        meta=meta,
+        ranks=ranks,
+        scales=scales,
         groups=groups,
+        segments=kernels.cpu.LoraSegments(meta) if groups[0].native is not None else None,
         by_adapter=[(int(s), (slots == s).nonzero().squeeze(1).to(device)) for s in slots.unique()],
         lora_tokens=torch.arange(T, device=device),
     )
@@ -147,6 +158,12 @@ def run_base(step: Step) -> None:
 def run_kernels(step: Step) -> None:
     for g in step.groups:
         kernels.add_lora(g.y, g.x, g.A, g.B, step.scales, step.ranks, g.offsets, step.meta)
+
+
+def run_native(step: Step) -> None:
+    """The CPU engine's path: the C kernel, weights and segments packed beforehand."""
+    for g in step.groups:
+        kernels.cpu.apply(g.y, g.x, g.native, step.segments)
 
 
 def run_shrinks(step: Step) -> None:
@@ -273,30 +290,42 @@ def cpu_scenarios(quick: bool) -> list[tuple[str, str, list[int], int, bool]]:
 
 
 def bench_cpu(args) -> None:
-    """The torch path (what the CPU engine runs) against the base projections and both baselines."""
+    """The CPU paths (the native C kernel the engine runs, and the torch reference) against the
+    base projections and both baselines."""
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype or "float32")
     model = args.model or "smollm2"
     timer = Timer(device, 5 if args.quick else 30)
     rank = 16
+    native = dtype in kernels.cpu.DTYPES and kernels.cpu.available()
     lines = args.report
     lines += [
         f"CPU, {torch.get_num_threads()} threads, {model} shapes (4 groups: qkv, o, gate_up, down), {dtype}, rank {rank}",
-        "LoRA time as % of the layer's base projections (lower is better)",
-        f"{'kind':8} {'batch':34} {'base ms':>8} {'ours':>7} {'gather+bmm':>11} {'loop':>7}",
+        "LoRA time as % of the layer's base projections (lower is better); native: the engine's CPU path",
+        f"{'kind':8} {'batch':34} {'base ms':>8} {'native':>7} {'torch ref':>9} {'gather+bmm':>11} {'loop':>7}",
     ]
+    if not native:
+        lines.append(f"(native kernel unavailable: {kernels.cpu.unavailable_reason()}; the engine uses the torch path)")
     results: dict[str, list[float]] = {"decode": [], "prefill": []}
     for kind, label, seq_lens, adapters, dense in cpu_scenarios(args.quick):
         step = make_step(label, model, seq_lens, adapters, rank, rank, dtype, device, dense=dense)
         fns = [partial(run_base, step), partial(run_kernels, step), partial(run_loop, step)]
+        if native:
+            fns.append(partial(run_native, step))
         if gather_bytes(step) < (1 << 30):
             fns.append(partial(run_gather, step))
-        base, ours, loop, *gather = timer.many(fns)
+        base, ref, loop, *rest = timer.many(fns)
+        nat = rest.pop(0) if native else None
+        gather = rest[0] if rest else None
+        ours = nat if native else ref
         results[kind].append(ratio(ours, base))
-        gather_pct = f"{ratio(gather[0], base):11.0%}" if gather else f"{'-':>11}"
-        lines.append(
-            f"{kind:8} {label:34} {statistics.median(base) * 1e3:8.3f} {ratio(ours, base):7.0%} {gather_pct} {ratio(loop, base):7.0%}"
-        )
-    # the headline numbers: decode of 32 tokens on 32 scattered adapters, and the largest prefill
+        cells = [
+            f"{ratio(nat, base):7.0%}" if native else f"{'-':>7}",
+            f"{ratio(ref, base):9.0%}",
+            f"{ratio(gather, base):11.0%}" if gather else f"{'-':>11}",
+            f"{ratio(loop, base):7.0%}",
+        ]
+        lines.append(f"{kind:8} {label:34} {statistics.median(base) * 1e3:8.3f} " + " ".join(cells))
+    # the headline numbers (the engine's path): decode of 32 tokens on 32 scattered adapters, and the largest prefill
     lines.append(
         f"RESULT cpu_lora_overhead_decode={results['decode'][0]:.3f} cpu_lora_overhead_prefill={results['prefill'][-1]:.3f}"
     )

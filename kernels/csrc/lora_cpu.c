@@ -74,10 +74,10 @@ static inline float f32_same(float v) { return v; }
  * prefetches the same lines of the thread's next slot (A_next, B_next; NULL for none): the
  * weights come from memory, not cache, and a decode step is a chain of small per-slot reads.
  * Same contract as lora_block_bf16 otherwise. */
-static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t ldx, const bf16 *A, int64_t a_i,
-                                   int64_t a_j, const bf16 *B, int64_t b_c, int64_t b_j, float scale, int r,
-                                   const int32_t *tokens, int nt, const int64_t *offsets, int n, int64_t H,
-                                   float *z, const bf16 *A_next, const bf16 *B_next, int r_next) {
+static inline __attribute__((always_inline)) void lora_block_bf16_avx512_nt(
+    bf16 *y, int64_t ldy, const bf16 *x, int64_t ldx, const bf16 *A, int64_t a_i, int64_t a_j, const bf16 *B,
+    int64_t b_c, int64_t b_j, float scale, int r, const int32_t *tokens, const int nt, const int64_t *offsets, int n,
+    int64_t H, float *z, const bf16 *A_next, const bf16 *B_next, int r_next) {
     const bf16 *xs[TB];
     for (int b = 0; b < nt; b++) xs[b] = x + (int64_t)tokens[b] * ldx;
     for (int i = 0; i < n; i++) {
@@ -123,6 +123,23 @@ static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t 
                 _mm256_mask_storeu_epi16(y + (int64_t)tokens[b] * ldy + c, m, (__m256i)_mm512_cvtneps_pbh(acc[b]));
         }
     }
+}
+
+/* nt as a constant in every call (the switch), so that the per-token loops unroll and the
+ * accumulators stay in registers. */
+static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t ldx, const bf16 *A, int64_t a_i,
+                                   int64_t a_j, const bf16 *B, int64_t b_c, int64_t b_j, float scale, int r,
+                                   const int32_t *tokens, int nt, const int64_t *offsets, int n, int64_t H, float *z,
+                                   const bf16 *A_next, const bf16 *B_next, int r_next) {
+#define CASE(k)                                                                                                  \
+    case k:                                                                                                      \
+        lora_block_bf16_avx512_nt(y, ldy, x, ldx, A, a_i, a_j, B, b_c, b_j, scale, r, tokens, k, offsets, n, H, z, \
+                                  A_next, B_next, r_next);                                                       \
+        break;
+    switch (nt) {
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+    }
+#undef CASE
 }
 #endif
 
