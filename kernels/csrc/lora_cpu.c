@@ -64,12 +64,23 @@ static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch doe
 
 static inline float f32_same(float v) { return v; }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define HAVE_AVX512_BF16 1
 
+/* Lane k (< 4) of the result: the sum of a_k's 16 lanes. */
+static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    /* per 128-bit lane: [a0 a1 a0 a1] and [a2 a3 a2 a3] partial sums, then [a0 a1 a2 a3] */
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 /* bf16 block with AVX512-BF16: the shrink multiplies bf16 pairs straight from memory into fp32
- * (vdpbf16ps, no conversion pass), the expand widens each B row chunk once for all tokens of
+ * (vdpbf16ps, no conversion pass) in tiles of 4 A rows x 4 tokens, the expand widens each B row chunk once for all tokens of
  * the block and keeps their accumulators in registers. While it reads its slot's A and B it
  * prefetches the same lines of the thread's next slot (A_next, B_next; NULL for none): the
  * weights come from memory, not cache, and a decode step is a chain of small per-slot reads.
@@ -80,22 +91,43 @@ static inline __attribute__((always_inline)) void lora_block_bf16_avx512_nt(
     int64_t H, float *z, const bf16 *A_next, const bf16 *B_next, int r_next) {
     const bf16 *xs[TB];
     for (int b = 0; b < nt; b++) xs[b] = x + (int64_t)tokens[b] * ldx;
+    /* shrink in tiles of 4 A rows x up to 4 tokens: each loaded chunk feeds 4 dot products */
     for (int i = 0; i < n; i++) {
-        for (int j = 0; j < r; j++) {
-            const bf16 *ar = A + i * a_i + j * a_j;
-            const bf16 *an = A_next && j < r_next ? A_next + i * a_i + j * a_j : NULL;
-            __m512 acc[TB];
-            for (int b = 0; b < nt; b++) acc[b] = _mm512_setzero_ps();
-            for (int64_t h = 0; h < H; h += 32) {
-                if (an) _mm_prefetch((const char *)(an + h), _MM_HINT_T0);
-                __mmask32 m = H - h >= 32 ? 0xffffffffu : (__mmask32)((1u << (H - h)) - 1u);
-                __m512i a = _mm512_maskz_loadu_epi16(m, ar + h);
-                for (int b = 0; b < nt; b++)
-                    acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, xs[b] + h), (__m512bh)a);
+        for (int j0 = 0; j0 < r; j0 += 4) {
+            const bf16 *ar[4], *an[4];
+            for (int q = 0; q < 4; q++) {
+                int j = j0 + q < r ? j0 + q : r - 1; /* past the rank: re-read the last row, result dropped */
+                ar[q] = A + i * a_i + j * a_j;
+                an[q] = A_next && j0 + q < r_next ? A_next + i * a_i + (j0 + q) * a_j : NULL;
             }
-            for (int b = 0; b < nt; b++) z[(b * n + i) * r + j] = _mm512_reduce_add_ps(acc[b]) * scale;
+            for (int b0 = 0; b0 < nt; b0 += 4) {
+                const int P = nt - b0 < 4 ? nt - b0 : 4;
+                __m512 acc[4][4];
+                for (int p = 0; p < P; p++)
+                    for (int q = 0; q < 4; q++) acc[p][q] = _mm512_setzero_ps();
+                for (int64_t h = 0; h < H; h += 32) {
+                    __mmask32 m = H - h >= 32 ? 0xffffffffu : (__mmask32)((1u << (H - h)) - 1u);
+                    __m512i a[4];
+                    for (int q = 0; q < 4; q++) {
+                        if (b0 == 0 && an[q]) _mm_prefetch((const char *)(an[q] + h), _MM_HINT_T0);
+                        a[q] = _mm512_maskz_loadu_epi16(m, ar[q] + h);
+                    }
+                    for (int p = 0; p < P; p++) {
+                        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xs[b0 + p] + h);
+                        for (int q = 0; q < 4; q++) acc[p][q] = _mm512_dpbf16_ps(acc[p][q], xv, (__m512bh)a[q]);
+                    }
+                }
+                for (int p = 0; p < P; p++) {
+                    float sums[4];
+                    _mm_storeu_ps(sums, _mm_mul_ps(hsum4(acc[p][0], acc[p][1], acc[p][2], acc[p][3]), _mm_set1_ps(scale)));
+                    for (int q = 0; q < 4 && j0 + q < r; q++) z[((b0 + p) * n + i) * r + j0 + q] = sums[q];
+                }
+            }
         }
     }
+    /* expand: 16 output columns at a time, one widened B row chunk for all the block's tokens,
+     * their accumulators in registers. (Pairs of rank rows through vdpbf16ps measured slower:
+     * the interleaving shuffles cost more than the FMAs they save.) */
     for (int i = 0; i < n; i++) {
         for (int64_t c = offsets[i]; c < offsets[i + 1]; c += 16) {
             int64_t w = offsets[i + 1] - c;
