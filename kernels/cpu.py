@@ -12,7 +12,7 @@ weights have flushed the caches (30-70 us measured inside a decode step), and an
 formulation multiplies every token by every slot in use. The C kernel is one call per layer and
 group that reads only the slots in use, up to their ranks (docs/kernels.md has the numbers).
 
-The shared object is built with the system C compiler (`$CC`, else `cc`, `gcc`, `clang`) for this
+The shared object is built with the system C compiler (`$CC`, else `gcc`, else `cc`) for this
 CPU (`-march=native`, plus `$OPENLORA_KERNEL_CFLAGS`) into `$OPENLORA_KERNEL_CACHE` (default
 `~/.cache/openlora/kernels`), keyed by the source, the flags, the compiler and the CPU, so a build
 happens once per machine (about a second). With AVX512-BF16 the bf16 kernel multiplies bf16
@@ -44,9 +44,15 @@ log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc")
 _SOURCES = ("lora_cpu.c", "lora_cpu_impl.h")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-Werror=implicit-function-declaration") + (
-    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
-)
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=gnu11",
+    "-Werror=implicit-function-declaration",
+) + (("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
 _FUNCTIONS = {torch.bfloat16: "openlora_add_lora_bf16", torch.float32: "openlora_add_lora_f32"}
 DTYPES = tuple(_FUNCTIONS)
 
@@ -103,7 +109,9 @@ class LoraWeights:
         if A.dim() != 4:
             raise ValueError(f"A must be [S, n_slices, R, H_in], got {tuple(A.shape)}")
         S, n, R, H = A.shape
-        if A.device.type != "cpu" or A.dtype not in _FUNCTIONS or B.dtype != A.dtype or A.stride(-1) != 1:
+        if any(t.device.type != "cpu" for t in (A, B, scales, ranks)):
+            raise TypeError("A, B, scales and ranks must be CPU tensors")
+        if A.dtype not in _FUNCTIONS or B.dtype != A.dtype or A.stride(-1) != 1:
             raise TypeError(
                 f"A and B must be CPU tensors of one of {DTYPES} with contiguous rows, got {A.dtype}, {B.dtype}"
             )
@@ -132,8 +140,11 @@ class LoraSegments:
     """One step's segments (a LoraMeta on the CPU), packed for the kernel."""
 
     def __init__(self, meta: LoraMeta, threads: int | None = None):
-        if meta.sorted_token_ids.device.type != "cpu":
+        index = (meta.sorted_token_ids, meta.slot_ids, meta.starts)
+        if any(t.device.type != "cpu" for t in index):
             raise ValueError("the native kernel needs the step's LoraMeta on the CPU")
+        if any(t.dtype != torch.int32 or not t.is_contiguous() for t in index):
+            raise TypeError("the LoraMeta's index tensors must be contiguous int32 (build_lora_meta's)")
         self.meta = meta
         self.struct = _Segments(
             meta.sorted_token_ids.data_ptr(), meta.slot_ids.data_ptr(), meta.starts.data_ptr(), meta.num_segments,
@@ -153,6 +164,10 @@ def apply(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, segments: Lora
     T = segments.meta.num_tokens
     if y.shape != (T, weights.N) or x.shape != (T, weights.H) or y.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"y must be [{T}, {weights.N}] and x [{T}, {weights.H}] with contiguous rows")
+    if T > 1 and y.stride(0) < weights.N:
+        raise ValueError(
+            f"y's rows overlap (row stride {y.stride(0)} < {weights.N}): the kernel writes them in parallel"
+        )
     if not segments.meta.has_lora:
         return
     rc = _load()[weights.dtype](y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), weights.ref, segments.ref)
@@ -194,13 +209,12 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
         if _lib is None and _error is None:
             try:
                 lib = ctypes.CDLL(str(_build()))
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                fns = {dtype: getattr(lib, name) for dtype, name in _FUNCTIONS.items()}
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 _error = str(e)
                 log.warning("native CPU LoRA kernel unavailable (%s); using the torch path", e)
                 return None
-            fns = {}
-            for dtype, name in _FUNCTIONS.items():
-                fn = getattr(lib, name)
+            for fn in fns.values():
                 fn.restype = ctypes.c_int
                 fn.argtypes = [
                     ctypes.c_void_p,
@@ -210,15 +224,21 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
                     ctypes.c_void_p,
                     ctypes.c_void_p,
                 ]
-                fns[dtype] = fn
             _lib = fns
     return _lib
 
 
-def _compiler() -> str:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
+def _compiler() -> list[str]:
+    """$CC (with its arguments), else gcc, else cc: GCC links the libgomp torch already loaded,
+    where clang's -fopenmp would bring a second OpenMP runtime."""
+    if os.environ.get("CC"):
+        cc = shlex.split(os.environ["CC"])
+        if cc and shutil.which(cc[0]):
             return cc
+        raise RuntimeError(f"CC={os.environ['CC']!r} is not an executable")
+    for cc in ("gcc", "cc"):
+        if shutil.which(cc):
+            return [cc]
     raise RuntimeError("no C compiler found (set CC, or install gcc)")
 
 
@@ -226,7 +246,9 @@ def _build() -> Path:
     """The compiled shared object for this source, compiler and CPU; built if not cached."""
     cc = _compiler()
     flags = (*_FLAGS, *shlex.split(os.environ.get("OPENLORA_KERNEL_CFLAGS", "")))
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    version = subprocess.run(
+        [*cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30
+    ).stdout.splitlines()[:1]
     key = hashlib.sha256()
     for name in _SOURCES:
         key.update((_SRC / name).read_bytes())
@@ -238,12 +260,12 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run(
-            [cc, *flags, f"-I{_SRC}", str(_SRC / "lora_cpu.c"), "-o", str(out)],
-            capture_output=True, text=True, timeout=300,
+            [*cc, *flags, f"-I{_SRC}", str(_SRC / "lora_cpu.c"), "-o", str(out)],
+            capture_output=True, text=True, errors="replace", timeout=300,
         )  # fmt: skip
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
-            raise RuntimeError(f"{cc} failed to build the kernel (exit {proc.returncode}): {first}")
+            raise RuntimeError(f"{cc[0]} failed to build the kernel (exit {proc.returncode}): {first}")
         os.replace(out, target)  # atomic: a concurrent build of the same key just wins or loses the race
     log.info("built the native CPU LoRA kernel: %s", target)
     return target

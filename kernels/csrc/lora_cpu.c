@@ -10,13 +10,14 @@
  * lora_weights) and the segments of one step (struct lora_segments). Strides are in elements;
  * the last dimension of x, y and A is contiguous.
  *
- * Work: each segment is cut into blocks of up to TB tokens. A block converts its activations to
- * fp32 once, then reads each A row and each B row of its slot once for all of its tokens (fp32
- * accumulation, one rounding when y is written back). Only the slots in use are read, each up to
- * its rank, and nothing is multiplied by padding: a decode step of 32 tokens on 16 adapters reads
- * every adapter once and does 32 tokens' worth of rank-r work, where a dense formulation does
- * 32 x 16. Blocks are spread over the OpenMP runtime torch itself loaded (libgomp.so.1), so the
- * kernel shares torch's threads instead of starting a second pool.
+ * Work: each segment is cut into blocks of up to TB tokens; a block reads its slot's A and B rows
+ * for all of its tokens together (from cache after the first tile), up to the slot's rank, with
+ * fp32 accumulation and one rounding when y is written back. Only the slots in use are read and
+ * no other slot's weights are multiplied: a decode step of 32 tokens on 16 adapters reads every
+ * adapter once and does 32 tokens' worth of rank-r work, where a dense formulation does 32 x 16.
+ * Blocks are spread over the OpenMP runtime torch itself loaded (libgomp.so.1), so the kernel
+ * shares torch's threads instead of starting a second pool. The AVX512-BF16 path (like the
+ * instructions it uses) treats bf16 subnormals as zero; the portable path rounds as torch does.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -89,6 +90,7 @@ static inline __attribute__((always_inline)) void lora_block_bf16_avx512_nt(
     bf16 *y, int64_t ldy, const bf16 *x, int64_t ldx, const bf16 *A, int64_t a_i, int64_t a_j, const bf16 *B,
     int64_t b_c, int64_t b_j, float scale, int r, const int32_t *tokens, const int nt, const int64_t *offsets, int n,
     int64_t H, float *z, const bf16 *A_next, const bf16 *B_next, int r_next) {
+    if (r == 0) return; /* nothing to add: leave y exactly as it is */
     const bf16 *xs[TB];
     for (int b = 0; b < nt; b++) xs[b] = x + (int64_t)tokens[b] * ldx;
     /* shrink in tiles of 4 A rows x up to 4 tokens: each loaded chunk feeds 4 dot products */

@@ -9,6 +9,7 @@ static void FN(lora_block)(ELEM *y, int64_t ldy, const ELEM *x, int64_t ldx, con
                            int64_t a_j, const ELEM *B, int64_t b_c, int64_t b_j, float scale, int r,
                            const int32_t *tokens, int nt, const int64_t *offsets, int n, int64_t H, float *xf,
                            float *row, float *z, float *acc) {
+    if (r == 0) return;
     for (int b = 0; b < nt; b++) {
         const ELEM *xr = x + (int64_t)tokens[b] * ldx;
         float *xb = xf + (int64_t)b * H;

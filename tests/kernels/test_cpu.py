@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -152,6 +153,28 @@ def test_rejects_bad_arguments() -> None:
     assert torch.equal(y, p.y)
     with pytest.raises(ValueError, match="token_slots"):
         build_lora_meta(torch.zeros(2, 2, dtype=torch.int64))
+    # tensors the kernel cannot read: off the CPU, a hand-made meta with int64 indices
+    with pytest.raises(TypeError, match="CPU"):
+        kernels.cpu.LoraWeights(p.A, p.B.to("meta"), p.scales, p.ranks, p.slice_offsets)
+    with pytest.raises(TypeError, match="CPU"):
+        kernels.cpu.LoraWeights(p.A, p.B, p.scales.to("meta"), p.ranks, p.slice_offsets)
+    bad_meta = dataclasses.replace(p.meta, sorted_token_ids=p.meta.sorted_token_ids.long())
+    with pytest.raises(TypeError, match="int32"):
+        kernels.cpu.LoraSegments(bad_meta)
+    # rows that overlap in memory would be written by two threads at once
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.cpu.apply(torch.zeros(1, 40).expand(2, 40), p.x, packed, seg)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_zero_slots_leave_y_bit_exact(dtype: torch.dtype) -> None:
+    """A slot of rank 0 adds nothing, and y is not even rewritten (bf16 subnormals survive)."""
+    p = make_problem([0, 1, 0], QKV, hidden=40, ranks=[0, 4], max_rank=8, dtype=dtype)
+    p.y[0] = torch.tensor(1e-39).to(dtype)  # a subnormal in bf16 and fp32
+    y = run(p)
+    assert torch.equal(y[[0, 2]], p.y[[0, 2]])
+    assert not torch.equal(y[1], p.y[1])
 
 
 def _in_fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -202,6 +225,19 @@ def test_without_a_compiler_the_engine_falls_back(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()  # (the tokenizer trainer prints in between)
     assert lines[0] == "no C compiler found (set CC, or install gcc)" and lines[-1] == "fused"
+
+
+def test_cc_with_arguments(tmp_path) -> None:
+    """$CC may carry flags (CC="gcc -m64"), as make's convention has it."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    code = """
+        import kernels.cpu
+        print(kernels.cpu.available(), kernels.cpu.unavailable_reason())
+    """
+    proc = _in_fresh_process(code, OPENLORA_KERNEL_CACHE=str(tmp_path), CC=f"{gcc} -fno-strict-aliasing")
+    assert proc.returncode == 0 and proc.stdout.strip() == "True None", proc.stdout + proc.stderr[-2000:]
 
 
 def test_a_failing_compiler_is_reported(tmp_path) -> None:
