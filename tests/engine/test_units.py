@@ -77,8 +77,12 @@ def test_sampler_respects_top_k_and_top_p():
 
 def test_sampler_temperature_zero_is_argmax():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, [7, 30]] = 100.0  # a tie: the first maximum wins, as argmax has it
+    logits[2] = 0.0
+    logits[3, 12] = float("nan")  # NaN wins, as in argmax
     p = SamplingParams(temperature=0)
     assert sample(logits, [p] * 6, [None] * 6) == logits.argmax(-1).tolist()
+    assert sample(logits, [p] * 6, [None] * 6)[1:4] == [7, 0, 12]
 
 
 @pytest.mark.parametrize("stops", [("5", ", 5"), (", 5", "5")])
