@@ -58,6 +58,7 @@ DTYPES = tuple(_FUNCTIONS)
 
 _lock = threading.Lock()
 _lib: dict[torch.dtype, ctypes._CFuncPtr] | None = None
+_features: ctypes._CFuncPtr | None = None
 _error: str | None = None
 
 
@@ -73,6 +74,16 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the native kernel is not available (None when it is, or before the first `available()`)."""
     return _error
+
+
+def features() -> frozenset[str]:
+    """What the built kernel does on this CPU: "avx512-bf16" (the bf16 vector path) and "amx"
+    (AMX tiles for segments of 32+ tokens, when B is stored along the columns and H % 32 == 0).
+    Empty when the kernel is unavailable."""
+    if _load() is None:
+        return frozenset()
+    bits = _features()
+    return frozenset(name for bit, name in ((1, "avx512-bf16"), (2, "amx")) if bits & bit)
 
 
 class _Weights(ctypes.Structure):
@@ -202,7 +213,7 @@ def add_lora(
 
 
 def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
-    global _lib, _error
+    global _lib, _error, _features
     if _lib is not None or _error is not None:
         return _lib
     with _lock:
@@ -210,6 +221,7 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
             try:
                 lib = ctypes.CDLL(str(_build()))
                 fns = {dtype: getattr(lib, name) for dtype, name in _FUNCTIONS.items()}
+                features_fn = lib.openlora_kernel_features
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 _error = str(e)
                 log.warning("native CPU LoRA kernel unavailable (%s); using the torch path", e)
@@ -224,6 +236,8 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
                     ctypes.c_void_p,
                     ctypes.c_void_p,
                 ]
+            features_fn.restype, features_fn.argtypes = ctypes.c_int, []
+            _features = features_fn
             _lib = fns
     return _lib
 

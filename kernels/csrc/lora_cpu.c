@@ -26,6 +26,7 @@
 
 #define TB 8    /* tokens per block */
 #define CH 512  /* output columns per expand chunk */
+#define AMX_MIN_SEGMENT 32 /* shorter segments stay off AMX tiles (their panels would not pay off) */
 
 typedef uint16_t bf16;
 
@@ -177,9 +178,155 @@ static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t 
 }
 #endif
 
+#if defined(HAVE_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+
+/* Long segments (prefill chunks) on AMX tiles, 16 tokens at a time. Per thread and slot the
+ * slot's A and B are first laid out as AMX B-operand tiles ("panels": bf16 pairs along the
+ * reduction, zero past the rank and past each slice's end); per 16-token tile then
+ *   shrink  z[tok, j] = x[tok, :] . A[j, :]          x rows loaded as tiles in place
+ *   expand  y[tok, c] += bf16(z[tok, :]) . B[c, :]   z rounded to bf16 as a bf16 GEMM rounds its
+ *                                                    input; added to y in fp32, one rounding
+ * Needs H % 32 == 0, B stored along the columns (b_c == 1), and 16 consecutive token rows. */
+
+static int amx_state = -1; /* -1: not asked yet, 0: refused by the kernel, 1: usable */
+
+static int amx_usable(const struct lora_weights *w) {
+    if (amx_state < 0) /* Linux lends AMX's tile data state per process, on request */
+        amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_state == 1 && w->H > 0 && w->H % 32 == 0 && w->b_c == 1;
+}
+
+struct amx_tilecfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static void amx_begin(void) { /* tmm0: C, tmm1: A, tmm2: B; each 16 rows of 64 bytes */
+    struct amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 3; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static int64_t amx_col_groups(const int64_t *offsets, int n) {
+    int64_t groups = 0;
+    for (int i = 0; i < n; i++) groups += (offsets[i + 1] - offsets[i] + 15) / 16;
+    return groups;
+}
+
+/* One thread's scratch: A panel, B panel, z of one tile (fp32, then bf16), one C tile. */
+static int64_t amx_a_bytes(const struct lora_weights *w) { return w->n * ((w->R + 15) / 16) * (w->H / 32) * 1024; }
+static int64_t amx_b_bytes(const struct lora_weights *w) {
+    return amx_col_groups(w->offsets, (int)w->n) * ((w->R + 31) / 32) * 1024;
+}
+static int64_t amx_scratch_bytes(const struct lora_weights *w) {
+    int64_t rp = (w->R + 31) / 32 * 32;
+    return amx_a_bytes(w) + amx_b_bytes(w) + 16 * rp * 4 + 16 * rp * 2 + 1024;
+}
+
+/* A panel [i][j-group][k-chunk]: 16 pair-rows x 16 j of (A[j, 32c + 2p], A[j, 32c + 2p + 1]).
+ * B panel [column group][rank chunk]: 16 pair-rows x 16 c of (B[c, 32q + 2p], B[c, 32q + 2p + 1]). */
+static void amx_panels(uint32_t *apanel, uint32_t *bpanel, const bf16 *A, int64_t a_i, int64_t a_j, const bf16 *B,
+                       int64_t b_j, int r, const int64_t *offsets, int n, int64_t H) {
+    int jg = (r + 15) / 16, kc = (int)(H / 32), kk = (r + 31) / 32;
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < jg; g++)
+            for (int jj = 0; jj < 16; jj++) {
+                int j = g * 16 + jj;
+                const uint32_t *ar = (const uint32_t *)(A + i * a_i + j * a_j); /* bf16 pairs */
+                for (int c = 0; c < kc; c++) {
+                    uint32_t *t = apanel + (((int64_t)i * jg + g) * kc + c) * 256;
+                    for (int p = 0; p < 16; p++) t[p * 16 + jj] = j < r ? ar[c * 16 + p] : 0;
+                }
+            }
+    int64_t group = 0;
+    for (int i = 0; i < n; i++)
+        for (int64_t c0 = offsets[i]; c0 < offsets[i + 1]; c0 += 16, group++)
+            for (int q = 0; q < kk; q++) {
+                uint32_t *t = bpanel + (group * kk + q) * 256;
+                for (int p = 0; p < 16; p++) {
+                    int j = q * 32 + 2 * p;
+                    for (int cc = 0; cc < 16; cc++) {
+                        int64_t c = c0 + cc;
+                        uint32_t lo = c < offsets[i + 1] && j < r ? B[j * b_j + c] : 0;
+                        uint32_t hi = c < offsets[i + 1] && j + 1 < r ? B[(j + 1) * b_j + c] : 0;
+                        t[p * 16 + cc] = lo | hi << 16;
+                    }
+                }
+            }
+}
+
+/* One tile of 16 consecutive token rows (x0 and y0 point at the first one). */
+static void amx_tile16(bf16 *y0, int64_t ldy, const bf16 *x0, int64_t ldx, const uint32_t *apanel,
+                       const uint32_t *bpanel, float scale, int r, const int64_t *offsets, int n, int64_t H,
+                       float *zf, bf16 *zb, float *cbuf) {
+    int jg = (r + 15) / 16, kc = (int)(H / 32), kk = (r + 31) / 32, rp = kk * 32;
+    int64_t group = 0;
+    for (int i = 0; i < n; i++) {
+        for (int g = 0; g < jg; g++) { /* zf[tok][16g .. 16g + 15] */
+            _tile_zero(0);
+            for (int c = 0; c < kc; c++) {
+                _tile_loadd(1, x0 + c * 32, ldx * 2);
+                _tile_loadd(2, apanel + (((int64_t)i * jg + g) * kc + c) * 256, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, zf + g * 16, rp * 4);
+        }
+        for (int tok = 0; tok < 16; tok++) /* zb[q][tok][32]: bf16(scale * z), zero past the rank */
+            for (int j = 0; j < rp; j += 16) {
+                __mmask16 m = r - j >= 16 ? 0xffff : r - j > 0 ? (__mmask16)((1u << (r - j)) - 1u) : 0;
+                __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, zf + tok * rp + j), _mm512_set1_ps(scale));
+                _mm256_storeu_si256((__m256i *)(zb + ((j / 32) * 16 + tok) * 32 + j % 32), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+        for (int64_t c0 = offsets[i]; c0 < offsets[i + 1]; c0 += 16, group++) {
+            _tile_zero(0);
+            for (int q = 0; q < kk; q++) {
+                _tile_loadd(1, zb + q * 512, 64);
+                _tile_loadd(2, bpanel + (group * kk + q) * 256, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, cbuf, 64); /* cbuf[tok][cc] */
+            int64_t wdt = offsets[i + 1] - c0;
+            __mmask16 m = wdt >= 16 ? 0xffff : (__mmask16)((1u << wdt) - 1u);
+            for (int tok = 0; tok < 16; tok++) {
+                bf16 *yr = y0 + tok * ldy + c0;
+                __m512 yv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, yr)), 16));
+                yv = _mm512_add_ps(yv, _mm512_loadu_ps(cbuf + tok * 16));
+                _mm256_mask_storeu_epi16(yr, m, (__m256i)_mm512_cvtneps_pbh(yv));
+            }
+        }
+    }
+}
+#endif
+
 /* lora_cpu_impl.h is the kernel, written once over ELEM (storage type), LOAD/STORE (to and
  * from fp32) and SUFFIX, with FAST_BLOCK (when defined) replacing its portable block; it is
  * included once per element type. */
+/* What this build does on this CPU: bit 0 the AVX512-BF16 bf16 path, bit 1 AMX tiles for long
+ * segments (built for them, and the kernel lent the tile state to this process). */
+int openlora_kernel_features(void) {
+    int f = 0;
+#ifdef HAVE_AVX512_BF16
+    f |= 1;
+#endif
+#ifdef HAVE_AMX
+    struct lora_weights probe;
+    memset(&probe, 0, sizeof probe);
+    probe.H = 32;
+    probe.b_c = 1;
+    if (amx_usable(&probe)) f |= 2;
+#endif
+    return f;
+}
+
 #define ELEM bf16
 #define LOAD bf16_to_f32
 #define STORE f32_to_bf16
@@ -187,8 +334,12 @@ static void lora_block_bf16_avx512(bf16 *y, int64_t ldy, const bf16 *x, int64_t 
 #ifdef HAVE_AVX512_BF16
 #define FAST_BLOCK lora_block_bf16_avx512
 #endif
+#ifdef HAVE_AMX
+#define TILE16 1
+#endif
 #include "lora_cpu_impl.h"
 #undef FAST_BLOCK
+#undef TILE16
 #undef ELEM
 #undef LOAD
 #undef STORE

@@ -59,6 +59,28 @@ static void FN(lora_block)(ELEM *y, int64_t ldy, const ELEM *x, int64_t ldx, con
     }
 }
 
+/* Work items, in segment order: (segment, first position in sorted_tokens, kind), kind 0 a block
+ * of up to TB tokens, kind 1 (with TILE16) 16 consecutive token rows on AMX tiles, for segments
+ * of at least AMX_MIN_SEGMENT tokens. Returns the count; fills `items` unless NULL. */
+static int64_t FN(plan_items)(const struct lora_segments *sg, int tiles, int64_t *items) {
+    int64_t k = 0;
+    for (int64_t g = 0; g < sg->nseg; g++) {
+        if (sg->seg_slots[g] < 0) continue;
+        int64_t start = sg->seg_starts[g], end = sg->seg_starts[g + 1];
+        int long_segment = tiles && end - start >= AMX_MIN_SEGMENT;
+        for (int64_t p = start; p < end; k++) {
+            int tile = long_segment && end - p >= 16 && sg->sorted_tokens[p + 15] - sg->sorted_tokens[p] == 15;
+            if (items) {
+                items[3 * k] = g;
+                items[3 * k + 1] = p;
+                items[3 * k + 2] = tile;
+            }
+            p += tile ? 16 : TB;
+        }
+    }
+    return k;
+}
+
 /* Returns 0; -1 when scratch memory could not be allocated (y is then partly updated); -2 when a
  * segment names a slot outside [0, S) (nothing is written). Ranks are clamped to [0, R]. */
 int FN(openlora_add_lora)(void *y_, int64_t ldy, const void *x_, int64_t ldx, const struct lora_weights *w,
@@ -66,59 +88,92 @@ int FN(openlora_add_lora)(void *y_, int64_t ldy, const void *x_, int64_t ldx, co
     ELEM *y = (ELEM *)y_;
     const ELEM *x = (const ELEM *)x_, *A = (const ELEM *)w->A, *B = (const ELEM *)w->B;
     const int32_t *seg_slots = sg->seg_slots, *seg_starts = sg->seg_starts;
-    int64_t n = w->n, H = w->H, R = w->R, nblocks = 0;
-    for (int64_t g = 0; g < sg->nseg; g++) {
+    int64_t n = w->n, H = w->H, R = w->R;
+    for (int64_t g = 0; g < sg->nseg; g++)
         if (seg_slots[g] >= w->S) return -2;
-        if (seg_slots[g] >= 0) nblocks += (seg_starts[g + 1] - seg_starts[g] + TB - 1) / TB;
-    }
-    if (nblocks == 0) return 0;
-    int64_t *blocks = malloc(sizeof(int64_t) * 2 * nblocks); /* (segment, first position in sorted_tokens) */
-    if (!blocks) return -1;
-    int64_t k = 0;
-    for (int64_t g = 0; g < sg->nseg; g++) {
-        if (seg_slots[g] < 0) continue;
-        for (int64_t p = seg_starts[g]; p < seg_starts[g + 1]; p += TB, k++) {
-            blocks[2 * k] = g;
-            blocks[2 * k + 1] = p;
-        }
-    }
+#ifdef TILE16
+    const int tiles = amx_usable(w);
+#else
+    const int tiles = 0;
+#endif
+    int64_t nitems = FN(plan_items)(sg, tiles, NULL);
+    if (nitems == 0) return 0;
+    int64_t *items = malloc(sizeof(int64_t) * 3 * nitems);
+    if (!items) return -1;
+    FN(plan_items)(sg, tiles, items);
     int64_t wide = H > CH ? H : CH;
     int failed = 0;
-    int nthreads = sg->nthreads > nblocks ? (int)nblocks : (int)sg->nthreads;
+    int nthreads = sg->nthreads > nitems ? (int)nitems : (int)sg->nthreads;
     if (nthreads < 1) nthreads = 1;
-    /* Each thread takes a contiguous run of blocks (consecutive slots), so it knows which slot
-     * comes next and can prefetch it. */
+    /* Each thread takes a contiguous run of items (consecutive slots), so it knows which slot
+     * comes next and can prefetch it, and builds a slot's AMX panels once for its tiles. */
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t q0 = nblocks * tid / nth, q1 = nblocks * (tid + 1) / nth;
-        float *buf = malloc(sizeof(float) * (TB * H + wide + TB * n * R + TB * CH));
-        if (!buf) {
+        int64_t q0 = nitems * tid / nth, q1 = nitems * (tid + 1) / nth;
+        float *buf = malloc(sizeof(float) * (TB * H + wide + 16 * n * R + TB * CH));
+        int ok = buf != NULL;
+#ifdef TILE16
+        char *amx_buf = NULL;
+        int panel_slot = -1;
+#endif
+        for (int64_t q = q0; q < q1 && ok; q++) {
+            int64_t g = items[3 * q], p = items[3 * q + 1];
+            int s = seg_slots[g];
+            int r = w->ranks[s] < 0 ? 0 : w->ranks[s] > R ? (int)R : w->ranks[s];
+            float *xf = buf, *row = xf + TB * H, *z = row + wide, *acc = z + 16 * n * R;
+#ifdef TILE16
+            if (items[3 * q + 2]) {
+                if (r == 0) continue;
+                if (!amx_buf) {
+                    amx_buf = aligned_alloc(64, (amx_scratch_bytes(w) + 63) / 64 * 64);
+                    if (!amx_buf) {
+                        ok = 0;
+                        break;
+                    }
+                    amx_begin();
+                }
+                int64_t rp = (R + 31) / 32 * 32;
+                uint32_t *apanel = (uint32_t *)amx_buf;
+                uint32_t *bpanel = (uint32_t *)(amx_buf + amx_a_bytes(w));
+                float *zf = (float *)((char *)bpanel + amx_b_bytes(w));
+                bf16 *zb = (bf16 *)(zf + 16 * rp);
+                float *cbuf = (float *)(zb + 16 * rp);
+                if (panel_slot != s) {
+                    amx_panels(apanel, bpanel, (const bf16 *)(A + s * w->a_s), w->a_i, w->a_j,
+                               (const bf16 *)(B + s * w->b_s), w->b_j, r, w->offsets, (int)n, H);
+                    panel_slot = s;
+                }
+                int64_t tok0 = sg->sorted_tokens[p];
+                amx_tile16((bf16 *)(y + tok0 * ldy), ldy, (const bf16 *)(x + tok0 * ldx), ldx, apanel, bpanel,
+                           w->scales[s], r, w->offsets, (int)n, H, zf, zb, cbuf);
+                continue;
+            }
+#endif
+            int64_t end = seg_starts[g + 1] < p + TB ? seg_starts[g + 1] : p + TB;
+#ifdef FAST_BLOCK
+            int s_next = q + 1 < q1 ? seg_slots[items[3 * (q + 1)]] : s;
+            int r_next = w->ranks[s_next] < 0 ? 0 : w->ranks[s_next] > R ? (int)R : w->ranks[s_next];
+            FAST_BLOCK(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j, w->scales[s], r,
+                       sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, z,
+                       s_next != s ? A + s_next * w->a_s : NULL, s_next != s ? B + s_next * w->b_s : NULL, r_next);
+#else
+            FN(lora_block)(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j,
+                           w->scales[s], r, sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, xf, row, z,
+                           acc);
+#endif
+        }
+#ifdef TILE16
+        if (amx_buf) _tile_release();
+        free(amx_buf);
+#endif
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            float *xf = buf, *row = xf + TB * H, *z = row + wide, *acc = z + TB * n * R;
-            for (int64_t q = q0; q < q1; q++) {
-                int64_t g = blocks[2 * q], p = blocks[2 * q + 1];
-                int64_t end = seg_starts[g + 1] < p + TB ? seg_starts[g + 1] : p + TB;
-                int s = seg_slots[g];
-                int r = w->ranks[s] < 0 ? 0 : w->ranks[s] > R ? (int)R : w->ranks[s];
-#ifdef FAST_BLOCK
-                int s_next = q + 1 < q1 ? seg_slots[blocks[2 * (q + 1)]] : s;
-                int r_next = w->ranks[s_next] < 0 ? 0 : w->ranks[s_next] > R ? (int)R : w->ranks[s_next];
-                FAST_BLOCK(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j,
-                           w->scales[s], r, sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, z,
-                           s_next != s ? A + s_next * w->a_s : NULL, s_next != s ? B + s_next * w->b_s : NULL, r_next);
-#else
-                FN(lora_block)(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j,
-                               w->scales[s], r, sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, xf,
-                               row, z, acc);
-#endif
-            }
-            free(buf);
         }
+        free(buf);
     }
-    free(blocks);
+    free(items);
     return failed ? -1 : 0;
 }
 

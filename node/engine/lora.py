@@ -121,7 +121,8 @@ class LoraSlotPool(LoraHook):
         self._free = list(range(num_slots - 1, -1, -1))  # lowest first: keeps the slots in use a short prefix
         self.loads = 0  # adapters written into a slot (misses)
         model.lora = self
-        log.info("LoRA slots: %d of rank <= %d, %s layout", num_slots, max_rank, self.layout)
+        extra = f" ({', '.join(sorted(kernels.cpu.features()))})" if self.layout == "native" else ""
+        log.info("LoRA slots: %d of rank <= %d, %s layout%s", num_slots, max_rank, self.layout, extra)
 
     # -- residency (engine thread) ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,16 @@ def test_builds_where_there_is_a_compiler() -> None:
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler here")
     assert kernels.cpu.available(), kernels.cpu.unavailable_reason()
+
+
+def test_uses_what_the_cpu_has() -> None:
+    """On a CPU with AVX512-BF16 / AMX (the CI machines have both) the fast paths are built and
+    used, so the tests below cover them rather than only the portable C."""
+    if not kernels.cpu.available():
+        pytest.skip(f"{kernels.cpu.unavailable_reason()}")
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    want = {name for flag, name in (("avx512_bf16", "avx512-bf16"), ("amx_bf16", "amx")) if flag in flags}
+    assert want <= kernels.cpu.features()
 
 
 def transposed_B(p: Problem) -> torch.Tensor:
@@ -66,6 +77,26 @@ def test_real_sizes(dtype: torch.dtype) -> None:
     prefill = make_problem([0] * 40 + [-1] * 5 + [2] * 37, (1100,), 1536, [16, 4, 8], 16, dtype, seed=1)
     for p in (decode, prefill):
         assert_close(run(p, transposed_B(p)), oracle_expand(p, oracle_shrink(p)), dtype)
+
+
+AMX_SLOTS = (
+    [0] * 50 + [-1] * 3 + [1] * 37 + [5, 2, 5] + [2] * 16 + [3] * 33  # long segments, tails of 1-15 tokens
+    + [4] * 20 + [-1] + [4] * 20  # one adapter split by another row: not 16 consecutive rows everywhere
+    + [0] * 40  # a second run of slot 0: one segment, two runs
+)  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden", [64, 96])
+@pytest.mark.parametrize("slices", [QKV, (40,), (17, 33)], ids=["qkv", "single", "odd"])
+def test_long_segments_match_oracle(slices: tuple[int, ...], hidden: int) -> None:
+    """Prefill-sized segments with H a multiple of 32: on CPUs with AMX these run on tiles (ranks
+    past 16 and 32, slices not a multiple of 16 wide); elsewhere on the vector path."""
+    p = make_problem(AMX_SLOTS, slices, hidden=hidden, ranks=[16, 1, 5, 17, 33, 8], max_rank=40, dtype=torch.bfloat16)
+    want = oracle_expand(p, oracle_shrink(p))
+    for B in (transposed_B(p), p.B):  # the engine's layout (tiles), and the stacked one (vector path)
+        assert_close(run(p, B), want, torch.bfloat16)
+        assert torch.equal(run(p, B, threads=1), run(p, B, threads=2))
 
 
 @needs_kernel
