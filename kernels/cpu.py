@@ -145,6 +145,7 @@ class LoraWeights:
             self._keep[-1].data_ptr(), S, n, H, R,
         )  # fmt: skip
         self.ref = ctypes.addressof(self.struct)
+        self.fn = _load()[A.dtype]
 
 
 class LoraSegments:
@@ -157,6 +158,7 @@ class LoraSegments:
         if any(t.dtype != torch.int32 or not t.is_contiguous() for t in index):
             raise TypeError("the LoraMeta's index tensors must be contiguous int32 (build_lora_meta's)")
         self.meta = meta
+        self.has_lora = meta.has_lora
         self.struct = _Segments(
             meta.sorted_token_ids.data_ptr(), meta.slot_ids.data_ptr(), meta.starts.data_ptr(), meta.num_segments,
             threads or torch.get_num_threads(),
@@ -164,24 +166,30 @@ class LoraSegments:
         self.ref = ctypes.addressof(self.struct)
 
 
-def apply(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, segments: LoraSegments) -> None:
+def apply(
+    y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, segments: LoraSegments, *, check: bool = True
+) -> None:
     """y += the LoRA update of x (add_lora's semantics) for prepacked weights and segments.
 
-    The engine's per-layer call: shapes and dtypes are checked (cheap attribute reads); the
-    weights' and segments' own checks were done once when they were packed.
+    The weights' and segments' own checks were done once when they were packed; y and x are
+    checked here (dtype, device, shapes, row strides). check=False skips that, for a caller that
+    guarantees CPU tensors of the weights' dtype with y [T, N] and x [T, H] contiguous: the
+    engine's slot pool, where y comes from F.linear and x from the model (inside a decode step
+    these attribute reads cost ~10 us a call, ~1% of the step).
     """
-    if y.dtype != weights.dtype or x.dtype != weights.dtype or y.device.type != "cpu" or x.device.type != "cpu":
-        raise TypeError(f"y and x must be CPU {weights.dtype} tensors, got {y.dtype} and {x.dtype}")
-    T = segments.meta.num_tokens
-    if y.shape != (T, weights.N) or x.shape != (T, weights.H) or y.stride(-1) != 1 or x.stride(-1) != 1:
-        raise ValueError(f"y must be [{T}, {weights.N}] and x [{T}, {weights.H}] with contiguous rows")
-    if T > 1 and y.stride(0) < weights.N:
-        raise ValueError(
-            f"y's rows overlap (row stride {y.stride(0)} < {weights.N}): the kernel writes them in parallel"
-        )
-    if not segments.meta.has_lora:
+    if check:
+        if y.dtype != weights.dtype or x.dtype != weights.dtype or y.device.type != "cpu" or x.device.type != "cpu":
+            raise TypeError(f"y and x must be CPU {weights.dtype} tensors, got {y.dtype} and {x.dtype}")
+        T = segments.meta.num_tokens
+        if y.shape != (T, weights.N) or x.shape != (T, weights.H) or y.stride(-1) != 1 or x.stride(-1) != 1:
+            raise ValueError(f"y must be [{T}, {weights.N}] and x [{T}, {weights.H}] with contiguous rows")
+        if T > 1 and y.stride(0) < weights.N:
+            raise ValueError(
+                f"y's rows overlap (row stride {y.stride(0)} < {weights.N}): the kernel writes them in parallel"
+            )
+    if not segments.has_lora:
         return
-    rc = _load()[weights.dtype](y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), weights.ref, segments.ref)
+    rc = weights.fn(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), weights.ref, segments.ref)
     if rc == -2:
         raise IndexError(f"a segment's slot is outside the {weights.S} slots of the weights")
     if rc != 0:

@@ -222,7 +222,8 @@ class LoraSlotPool(LoraHook):
             return F.linear(x, weight, bias)  # base-only step, or no adapter in it targets this group
         if self.layout == "native":
             y = F.linear(x, weight, bias)
-            kernels.cpu.apply(y, x, self.native[layer][group], batch.extra["segments"])
+            # y from F.linear and x from the model: CPU, the model's dtype, contiguous [T, N] / [T, H]
+            kernels.cpu.apply(y, x, self.native[layer][group], batch.extra["segments"], check=False)
             return y
         if self.layout != "fused":
             y = F.linear(x, weight, bias)
