@@ -69,7 +69,9 @@ static int64_t FN(plan_items)(const struct lora_segments *sg, int tiles, int64_t
         int64_t start = sg->seg_starts[g], end = sg->seg_starts[g + 1];
         int long_segment = tiles && end - start >= AMX_MIN_SEGMENT;
         for (int64_t p = start; p < end; k++) {
-            int tile = long_segment && end - p >= 16 && sg->sorted_tokens[p + 15] - sg->sorted_tokens[p] == 15;
+            int tile = long_segment && end - p >= 16;
+            for (int q = 1; tile && q < 16; q++) /* 16 consecutive rows, in order */
+                tile = sg->sorted_tokens[p + q] == sg->sorted_tokens[p] + q;
             if (items) {
                 items[3 * k] = g;
                 items[3 * k + 1] = p;

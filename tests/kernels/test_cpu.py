@@ -100,6 +100,18 @@ def test_long_segments_match_oracle(slices: tuple[int, ...], hidden: int) -> Non
 
 
 @needs_kernel
+def test_tiles_only_take_rows_in_order() -> None:
+    """A segment's rows out of batch order (a hand-made meta) must not be taken for 16
+    consecutive rows: each row gets its update exactly once."""
+    p = make_problem([0] * 40, QKV, hidden=64, ranks=[8], max_rank=8, dtype=torch.bfloat16)
+    order = list(range(40))
+    order[1], order[35] = order[35], order[1]
+    sorted_ids = torch.tensor(order, dtype=torch.int32)
+    p.meta = dataclasses.replace(p.meta, sorted_token_ids=sorted_ids)
+    assert_close(run(p, transposed_B(p)), oracle_expand(p, oracle_shrink(p)), torch.bfloat16)
+
+
+@needs_kernel
 def test_base_only_rows_are_untouched_and_threads_agree() -> None:
     slots = [3, -1, 0, 2, 5, 6, -1, 1] + [4] * LONG_SEGMENT
     p = make_problem(slots, QKV, hidden=40, ranks=RANKS, max_rank=16, dtype=torch.bfloat16)
