@@ -32,3 +32,9 @@ for dir in contracts scripts/ipfs-node; do
         echo "$lock_hash" > "$STAMP_DIR/npm_$key"
     fi
 done
+
+# The native CPU LoRA kernel (kernels/cpu.py) is built on first use with the system's C compiler;
+# without one the node serves adapters through a slower torch path. Build it now, or say why not.
+if ! "$VENV/bin/python" -c "import kernels.cpu as k, sys; sys.exit(0 if k.available() else 1)" 2>/dev/null; then
+    echo "note: the native CPU LoRA kernel could not be built (install gcc for it); adapters will use the slower torch path" >&2
+fi
