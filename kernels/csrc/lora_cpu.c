@@ -10,22 +10,23 @@
  * lora_weights) and the segments of one step (struct lora_segments). Strides are in elements;
  * the last dimension of x, y and A is contiguous.
  *
- * Work: each segment is cut into blocks of up to TB tokens; a block reads its slot's A and B rows
- * for all of its tokens together (from cache after the first tile), up to the slot's rank, with
- * fp32 accumulation and one rounding when y is written back. Only the slots in use are read and
+ * Work: each segment is cut into blocks of up to TB tokens (or, with AMX, tiles of 16 consecutive
+ * rows for segments of AMX_MIN_SEGMENT+ tokens); a block reads its slot's A and B rows for all of
+ * its tokens together, up to the slot's rank, with fp32 accumulation and one rounding when y is
+ * written back. Only the slots in use are read and
  * no other slot's weights are multiplied: a decode step of 32 tokens on 16 adapters reads every
  * adapter once and does 32 tokens' worth of rank-r work, where a dense formulation does 32 x 16.
  * Blocks are spread over the OpenMP runtime torch itself loaded (libgomp.so.1), so the kernel
- * shares torch's threads instead of starting a second pool. The AVX512-BF16 path (like the
- * instructions it uses) treats bf16 subnormals as zero; the portable path rounds as torch does.
+ * shares torch's threads instead of starting a second pool. The AVX512-BF16 and AMX paths (like
+ * the instructions they use) treat bf16 subnormals as zero; the portable path rounds as torch does.
  */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define TB 8    /* tokens per block */
-#define CH 512  /* output columns per expand chunk */
+#define TB 8               /* tokens per block */
+#define CH 512             /* output columns per expand chunk (portable path) */
 #define AMX_MIN_SEGMENT 32 /* shorter segments stay off AMX tiles (their panels would not pay off) */
 
 typedef uint16_t bf16;
