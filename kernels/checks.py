@@ -25,7 +25,7 @@ def check_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoraMeta, ranks: torch.
         raise ValueError(f"x has {T} tokens, meta {meta.num_tokens}")
     if x.dtype not in DTYPES or A.dtype != x.dtype:
         raise TypeError(f"x and A must share one of {DTYPES}, got {x.dtype} and {A.dtype}")
-    _check_per_slot(ranks, S, "ranks")
+    check_per_slot(ranks, S, "ranks")
     return T, n, R, H
 
 
@@ -83,6 +83,14 @@ def check_output(
         )
     if y.dtype not in DTYPES or B.dtype != y.dtype:
         raise TypeError(f"y and B must share one of {DTYPES}, got {y.dtype} and {B.dtype}")
+    check_slice_offsets(slice_offsets, n, N)
+    check_per_slot(scales, B.shape[0], "scales")
+    check_per_slot(ranks, B.shape[0], "ranks")
+    return N
+
+
+def check_slice_offsets(slice_offsets: tuple[int, ...], n: int, N: int) -> None:
+    """n + 1 offsets rising strictly from 0 to N_total."""
     offsets = tuple(slice_offsets)
     if (
         len(offsets) != n + 1
@@ -91,11 +99,8 @@ def check_output(
         or any(a >= b for a, b in zip(offsets, offsets[1:]))
     ):
         raise ValueError(f"slice_offsets {offsets} must rise strictly from 0 to N_total={N} in {n} steps")
-    _check_per_slot(scales, B.shape[0], "scales")
-    _check_per_slot(ranks, B.shape[0], "ranks")
-    return N
 
 
-def _check_per_slot(v: torch.Tensor, num_slots: int, name: str) -> None:
+def check_per_slot(v: torch.Tensor, num_slots: int, name: str) -> None:
     if v.dim() != 1 or v.shape[0] != num_slots:
         raise ValueError(f"{name} must be [S={num_slots}], got {tuple(v.shape)}")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.checks import check_add
+from kernels.checks import check_per_slot, check_slice_offsets
 from kernels.meta import LoraMeta
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,13 @@ class LoraWeights:
             raise TypeError(
                 f"A and B must be CPU tensors of one of {DTYPES} with contiguous rows, got {A.dtype}, {B.dtype}"
             )
-        if B.dim() != 3 or B.shape[0] != S or B.shape[2] != R or B.shape[1] != slice_offsets[-1]:
-            raise ValueError(f"B must be [S={S}, N={slice_offsets[-1]}, R={R}], got {tuple(B.shape)}")
-        if (
-            len(slice_offsets) != n + 1
-            or slice_offsets[0] != 0
-            or any(a >= b for a, b in zip(slice_offsets, slice_offsets[1:]))
-        ):
-            raise ValueError(f"slice_offsets {tuple(slice_offsets)} must rise strictly from 0 in {n} steps")
-        if scales.dtype != torch.float32 or ranks.dtype != torch.int32 or scales.shape != (S,) or ranks.shape != (S,):
-            raise TypeError("scales must be float32 [S] and ranks int32 [S]")
+        if B.dim() != 3 or B.shape[0] != S or B.shape[2] != R:
+            raise ValueError(f"B must be [S={S}, N, R={R}], got {tuple(B.shape)}")
+        check_slice_offsets(slice_offsets, n, B.shape[1])
+        check_per_slot(scales, S, "scales")
+        check_per_slot(ranks, S, "ranks")
+        if scales.dtype != torch.float32 or ranks.dtype != torch.int32:
+            raise TypeError(f"scales must be float32 and ranks int32, got {scales.dtype} and {ranks.dtype}")
         if not (scales.is_contiguous() and ranks.is_contiguous()):
             raise ValueError("scales and ranks must be contiguous")
         self.dtype, self.S, self.n, self.H, self.N = A.dtype, S, n, H, slice_offsets[-1]
@@ -214,9 +211,6 @@ def add_lora(
     once per step (LoraSegments) and calls `apply`. threads: how many of torch's OpenMP threads
     to use (default torch.get_num_threads()).
     """
-    check_add(y, x, A, B, scales, ranks, slice_offsets, meta)
-    if not meta.has_lora:
-        return
     apply(y, x, LoraWeights(A, B, scales, ranks, tuple(slice_offsets)), LoraSegments(meta, threads))
 
 

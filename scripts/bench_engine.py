@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from benchlib import left_pad, serve_all
+from benchlib import left_pad, running, serve_all
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from node.config import Settings
@@ -109,13 +109,10 @@ def main() -> None:
         run_in_fresh_thread(run_hf, hf, reqs[:4], pad)  # warm-up
         ours, theirs = [], []
         for i in range(repeats):  # interleaved: machine noise hits both alike
-            await engine.start()
-            try:
+            async with running(engine):
                 if i == 0:
                     await run_ours(engine, reqs[:4])  # warm-up
                 ours.append(await run_ours(engine, reqs))
-            finally:
-                await engine.stop()
             theirs.append(run_in_fresh_thread(run_hf, hf, reqs, pad))
         return ours, theirs
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import left_pad, tokens_per_s
+from benchlib import left_pad, running, tokens_per_s
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -116,14 +116,11 @@ def main() -> None:
         res: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
         peft_alone(prompts[:4], assigned[:4], 4)  # warm-up
         for i in range(repeats):
-            await engine.start()
-            try:
+            async with running(engine):
                 if i == 0:
                     await tokens_per_s(engine, prompts, assigned, 4)  # warm-up: loads every adapter once
                 res["ours"].append(await tokens_per_s(engine, prompts, assigned, new_tokens))
                 res["base"].append(await tokens_per_s(engine, prompts, [None] * n_req, new_tokens))
-            finally:
-                await engine.stop()
             res["peft"].append(peft_alone(prompts, assigned, new_tokens))
         return res
 

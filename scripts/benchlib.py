@@ -4,6 +4,7 @@ for transformers' `generate` (the peer they are measured against)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -20,6 +21,17 @@ class Served:
     tokens: int
     first_token_s: float  # from the start of the run
     done_s: float
+
+
+@contextlib.asynccontextmanager
+async def running(engine: AsyncEngine):
+    """The engine thread for the block, stopped after it: a peer measured between such blocks
+    has the machine to itself (node/threads.py: a second OpenMP pool slows both sides)."""
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
 
 
 async def serve_all(

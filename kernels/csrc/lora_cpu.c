@@ -50,6 +50,11 @@ struct lora_segments {            /* kernels.meta.LoraMeta: the step's tokens gr
     int64_t nthreads;             /* OpenMP threads to use */
 };
 
+/* The slot's rank, clamped to [0, R]. */
+static inline int slot_rank(const struct lora_weights *w, int s) {
+    return w->ranks[s] < 0 ? 0 : w->ranks[s] > w->R ? (int)w->R : w->ranks[s];
+}
+
 static inline float bf16_to_f32(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
@@ -223,14 +228,28 @@ static int64_t amx_col_groups(const int64_t *offsets, int n) {
     return groups;
 }
 
-/* One thread's scratch: A panel, B panel, z of one tile (fp32, then bf16), one C tile. */
-static int64_t amx_a_bytes(const struct lora_weights *w) { return w->n * ((w->R + 15) / 16) * (w->H / 32) * 1024; }
-static int64_t amx_b_bytes(const struct lora_weights *w) {
-    return amx_col_groups(w->offsets, (int)w->n) * ((w->R + 31) / 32) * 1024;
-}
-static int64_t amx_scratch_bytes(const struct lora_weights *w) {
+/* One thread's scratch, in one 64-byte aligned allocation (`base`, to free): the slot's A and B
+ * panels, z of one tile (fp32, then bf16, rank padded to 32) and one C tile. */
+struct amx_scratch {
+    char *base;
+    uint32_t *apanel, *bpanel;
+    float *zf, *cbuf;
+    bf16 *zb;
+};
+
+static int amx_scratch_alloc(const struct lora_weights *w, struct amx_scratch *sc) {
+    int64_t a_bytes = w->n * ((w->R + 15) / 16) * (w->H / 32) * 1024;
+    int64_t b_bytes = amx_col_groups(w->offsets, (int)w->n) * ((w->R + 31) / 32) * 1024;
     int64_t rp = (w->R + 31) / 32 * 32;
-    return amx_a_bytes(w) + amx_b_bytes(w) + 16 * rp * 4 + 16 * rp * 2 + 1024;
+    int64_t bytes = a_bytes + b_bytes + 16 * rp * 4 + 16 * rp * 2 + 1024;
+    sc->base = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!sc->base) return 0;
+    sc->apanel = (uint32_t *)sc->base;
+    sc->bpanel = (uint32_t *)(sc->base + a_bytes);
+    sc->zf = (float *)(sc->base + a_bytes + b_bytes);
+    sc->zb = (bf16 *)(sc->zf + 16 * rp);
+    sc->cbuf = (float *)(sc->zb + 16 * rp);
+    return 1;
 }
 
 /* A panel [i][j-group][k-chunk]: 16 pair-rows x 16 j of (A[j, 32c + 2p], A[j, 32c + 2p + 1]).

@@ -116,46 +116,39 @@ int FN(openlora_add_lora)(void *y_, int64_t ldy, const void *x_, int64_t ldx, co
         float *buf = malloc(sizeof(float) * (TB * H + wide + 16 * n * R + TB * CH));
         int ok = buf != NULL;
 #ifdef TILE16
-        char *amx_buf = NULL;
+        struct amx_scratch amx = {0};
         int panel_slot = -1;
 #endif
         for (int64_t q = q0; q < q1 && ok; q++) {
             int64_t g = items[3 * q], p = items[3 * q + 1];
             int s = seg_slots[g];
-            int r = w->ranks[s] < 0 ? 0 : w->ranks[s] > R ? (int)R : w->ranks[s];
+            int r = slot_rank(w, s);
             float *xf = buf, *row = xf + TB * H, *z = row + wide, *acc = z + 16 * n * R;
 #ifdef TILE16
             if (items[3 * q + 2]) {
                 if (r == 0) continue;
-                if (!amx_buf) {
-                    amx_buf = aligned_alloc(64, (amx_scratch_bytes(w) + 63) / 64 * 64);
-                    if (!amx_buf) {
+                if (!amx.base) {
+                    if (!amx_scratch_alloc(w, &amx)) {
                         ok = 0;
                         break;
                     }
                     amx_begin();
                 }
-                int64_t rp = (R + 31) / 32 * 32;
-                uint32_t *apanel = (uint32_t *)amx_buf;
-                uint32_t *bpanel = (uint32_t *)(amx_buf + amx_a_bytes(w));
-                float *zf = (float *)((char *)bpanel + amx_b_bytes(w));
-                bf16 *zb = (bf16 *)(zf + 16 * rp);
-                float *cbuf = (float *)(zb + 16 * rp);
                 if (panel_slot != s) {
-                    amx_panels(apanel, bpanel, (const bf16 *)(A + s * w->a_s), w->a_i, w->a_j,
+                    amx_panels(amx.apanel, amx.bpanel, (const bf16 *)(A + s * w->a_s), w->a_i, w->a_j,
                                (const bf16 *)(B + s * w->b_s), w->b_j, r, w->offsets, (int)n, H);
                     panel_slot = s;
                 }
                 int64_t tok0 = sg->sorted_tokens[p];
-                amx_tile16((bf16 *)(y + tok0 * ldy), ldy, (const bf16 *)(x + tok0 * ldx), ldx, apanel, bpanel,
-                           w->scales[s], r, w->offsets, (int)n, H, zf, zb, cbuf);
+                amx_tile16((bf16 *)(y + tok0 * ldy), ldy, (const bf16 *)(x + tok0 * ldx), ldx, amx.apanel,
+                           amx.bpanel, w->scales[s], r, w->offsets, (int)n, H, amx.zf, amx.zb, amx.cbuf);
                 continue;
             }
 #endif
             int64_t end = seg_starts[g + 1] < p + TB ? seg_starts[g + 1] : p + TB;
 #ifdef FAST_BLOCK
             int s_next = q + 1 < q1 ? seg_slots[items[3 * (q + 1)]] : s;
-            int r_next = w->ranks[s_next] < 0 ? 0 : w->ranks[s_next] > R ? (int)R : w->ranks[s_next];
+            int r_next = slot_rank(w, s_next);
             FAST_BLOCK(y, ldy, x, ldx, A + s * w->a_s, w->a_i, w->a_j, B + s * w->b_s, w->b_c, w->b_j, w->scales[s], r,
                        sg->sorted_tokens + p, (int)(end - p), w->offsets, (int)n, H, z,
                        s_next != s ? A + s_next * w->a_s : NULL, s_next != s ? B + s_next * w->b_s : NULL, r_next);
@@ -166,8 +159,8 @@ int FN(openlora_add_lora)(void *y_, int64_t ldy, const void *x_, int64_t ldx, co
 #endif
         }
 #ifdef TILE16
-        if (amx_buf) _tile_release();
-        free(amx_buf);
+        if (amx.base) _tile_release();
+        free(amx.base);
 #endif
         if (!ok) {
 #pragma omp atomic write
