@@ -260,6 +260,10 @@ def test_without_a_compiler_the_engine_falls_back(tmp_path) -> None:
         assert not kernels.cpu.available()
         print(kernels.cpu.unavailable_reason())
         model = LlamaModel.from_pretrained(build_tiny_model(pathlib.Path(os.environ["MODEL_DIR"])))
+        try:
+            LoraSlotPool(model, 2, 8, layout="native")
+        except ValueError as e:
+            print("refused:", e)
         print(LoraSlotPool(model, 2, 8).layout)
     """
     proc = _in_fresh_process(
@@ -268,6 +272,35 @@ def test_without_a_compiler_the_engine_falls_back(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()  # (the tokenizer trainer prints in between)
     assert lines[0] == "no C compiler found (set CC, or install gcc)" and lines[-1] == "fused"
+    assert (
+        lines[-2]
+        == "refused: the native layout needs a CPU model and the native kernel (no C compiler found (set CC, or install gcc))"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"CC": "/no/such/cc -O2"}, "CC='/no/such/cc -O2' is not an executable"),
+        ({"OPENLORA_KERNEL_CFLAGS": "-fvisibility=hidden"}, "undefined symbol: openlora_add_lora_bf16"),
+    ],
+    ids=["bad-CC", "symbols-hidden"],
+)
+def test_unusable_builds_fall_back_with_the_reason(tmp_path, env, reason) -> None:
+    """A CC that is not there, or a library without the kernel's symbols: available() is False
+    with the reason, every later call says the same (no retry, no exception)."""
+    if "OPENLORA_KERNEL_CFLAGS" in env and not shutil.which("gcc"):
+        pytest.skip("no gcc")
+    code = """
+        import kernels.cpu
+        print(kernels.cpu.available(), kernels.cpu.available(), sorted(kernels.cpu.features()))
+        print(kernels.cpu.unavailable_reason())
+    """
+    proc = _in_fresh_process(code, OPENLORA_KERNEL_CACHE=str(tmp_path), **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.splitlines()[:2]
+    assert first == "False False []"
+    assert reason in second
 
 
 def test_cc_with_arguments(tmp_path) -> None:
