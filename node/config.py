@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,26 @@ class Settings(BaseSettings):
     adapter_cache_bytes: int = Field(4 << 30, ge=1, description="disk cache of verified adapters (LRU)")
     ipfs_timeout: float = Field(30.0, gt=0, description="seconds to wait on a gateway before trying the next")
 
+    # Attribution (protocol v2): signed requests, usage records, journal, batches. No chain: free serving.
+    chain_rpc_url: str | None = Field(None, description="EVM JSON-RPC endpoint; set it to require signed requests")
+    deployments: Path | None = Field(None, description="contract addresses (the JSON `openlora chain deploy` writes)")
+    node_keystore: Path | None = Field(
+        None, description="encrypted Ethereum keystore (V3 JSON) of the record-signing key"
+    )
+    node_key_password_file: Path | None = Field(None, description="file holding the keystore's password")
+    node_key_password: SecretStr | None = Field(None, description="the keystore's password (prefer the file)")
+    node_private_key: SecretStr | None = Field(
+        None, description="raw record-signing key, hex; accepted on local dev chains (anvil, chain id 31337) only"
+    )
+    node_address: str | None = Field(
+        None, pattern=r"^0x[0-9a-fA-F]{40}$", description="the node's address in the NodeRegistry; default: the key's"
+    )
+    allow_unsigned: bool = Field(False, description="with a chain: also serve unsigned requests, free (journaled)")
+    journal_path: Path | None = Field(None, description="usage journal (SQLite); default: <cache-dir>/journal.sqlite")
+    batch_max_records: int = Field(1000, ge=1, description="commit a batch once this many records wait")
+    batch_interval: float = Field(60.0, gt=0, description="commit waiting records at least this often (seconds)")
+    confirmations: int = Field(1, ge=0, description="blocks to wait after a commit before trusting it")
+
     @property
     def ipfs_repo(self) -> Path:
         return self.cache_dir / "ipfs"
@@ -83,3 +103,7 @@ class Settings(BaseSettings):
     @property
     def default_adapter_index(self) -> Path:
         return self.cache_dir / "adapter-index.json"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.journal_path or self.cache_dir / "journal.sqlite"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import jinja2
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from node.api import accounting
 from node.api.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -50,33 +52,34 @@ from node.engine.types import FinishReason, GenerationOutput, GenerationRequest,
 M = TypeVar("M", bound=BaseModel)
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
+async def parse_body(request: web.Request, model: type[M]) -> tuple[M, bytes]:
+    """The validated body and its raw bytes (a signed request's promptHash covers the bytes' JSON)."""
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise PayloadTooLargeError(f"Request body too large: the limit is {request.client_max_size} bytes.")
     body = await request.read()
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body), body
     except ValidationError as exc:
         raise from_validation_error(exc, REQUEST_FIELD_NAMES) from None
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    req = await parse_body(request, ChatCompletionRequest)
+    req, raw = await parse_body(request, ChatCompletionRequest)
     if req.max_completion_tokens is not None:
         limit = ("max_completion_tokens", req.max_completion_tokens)
     else:
         limit = ("max_tokens", req.max_tokens)
     prompt_of = functools.partial(_chat_prompt_ids, messages=req.messages)
-    return await _complete(request, req, _ChatFormat(req.model), prompt_of, "messages", limit, started)
+    return await _complete(request, req, raw, _ChatFormat(req.model), prompt_of, "messages", limit, started)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    req = await parse_body(request, CompletionRequest)
+    req, raw = await parse_body(request, CompletionRequest)
     prompt_of = functools.partial(_completion_prompt_ids, prompt=req.prompt)
     limit = ("max_tokens", req.max_tokens)
-    return await _complete(request, req, _CompletionFormat(req.model), prompt_of, "prompt", limit, started)
+    return await _complete(request, req, raw, _CompletionFormat(req.model), prompt_of, "prompt", limit, started)
 
 
 def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
@@ -206,41 +209,80 @@ _Format = _ChatFormat | _CompletionFormat
 async def _complete(
     request: web.Request,
     req: GenerationBody,
+    raw: bytes,
     fmt: _Format,
     prompt_of: Callable[[Any], list[int]],
     prompt_param: str,
     limit: tuple[str, int | None],
     started: float,
 ) -> web.StreamResponse:
-    """Tokenize with `prompt_of(tokenizer)`, generate, and answer in one body or as a stream."""
+    """The phases of a generation request: authorise -> generate -> record -> respond.
+
+    Tokenizing comes first (the signed inputTokens is checked against it). The record is signed and
+    journaled before the response completes: in the body of a non-streaming answer, as the last event before
+    `[DONE]` of a stream. A stream whose client leaves midway is recorded for the tokens already sent; a
+    request that ends before any token reached the client is not recorded and costs nothing."""
     engine = request.app[ENGINE]
     # Any other name is an adapter's; the engine knows which exist (UnknownModelError -> 404).
     adapter = None if req.model == engine.model_name else req.model
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
+    grant = await accounting.authorise(
+        request, raw, accounting.adapter_cid(engine, adapter), adapter is not None, len(prompt_ids)
+    )
+    if grant is not None:
+        max_tokens = min(max_tokens, grant.max_tokens)
     gen = GenerationRequest(fmt.id, prompt_ids, _sampling(req, max_tokens), adapter)
     run = _Run(request, gen, started)
-    async with aclosing(run.outputs()) as outputs:
-        if not req.stream:
-            text = "".join([out.text async for out in outputs])
-            body = fmt.body(text, _finish_name(run.last), _usage(run.last))
-            return web.json_response(text=body.model_dump_json())
-        # Wait for the first token before sending headers: a failure up to here is a plain error status.
-        out = await anext(outputs, None)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        request[STREAM_RESPONSE] = response
-        for chunk in fmt.opening():
-            await _send(response, chunk)
-        while out is not None:
-            if out.text or out.finished:
-                await _send(response, fmt.delta(out.text, _finish_name(out) if out.finished else None))
+    sent: list[str] = []
+    sent_tokens = 0
+    receipt = None
+    try:
+        async with aclosing(run.outputs()) as outputs:
+            if not req.stream:
+                text = "".join([out.text async for out in outputs])
+                usage = _usage(run.last)
+                receipt = await accounting.record(request, grant, text, usage.prompt_tokens, usage.completion_tokens)
+                body = fmt.body(text, _finish_name(run.last), usage).model_dump(mode="json")
+                if receipt is not None:
+                    body["openlora"] = receipt.to_wire()
+                return web.json_response(body, dumps=_dumps)
+            # Wait for the first token before sending headers: a failure up to here is a plain error status.
             out = await anext(outputs, None)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            request[STREAM_RESPONSE] = response
+            for chunk in fmt.opening():
+                await _send(response, chunk)
+            while out is not None:
+                if out.text or out.finished:
+                    await _send(response, fmt.delta(out.text, _finish_name(out) if out.finished else None))
+                    sent.append(out.text)
+                    sent_tokens = out.completion_tokens
+                out = await anext(outputs, None)
+        usage = _usage(run.last)
+        receipt = await accounting.record(request, grant, "".join(sent), usage.prompt_tokens, usage.completion_tokens)
+    except BaseException:
+        if receipt is None and not sent:
+            accounting.release(request, grant)
+        elif receipt is None and grant is not None:
+            # The client has tokens it signed for: record them even though the handler is being cancelled.
+            text = "".join(sent)
+            await asyncio.shield(accounting.record(request, grant, text, len(prompt_ids), sent_tokens))
+        raise
     if req.stream_options is not None and req.stream_options.include_usage:
-        await _send(response, fmt.usage(_usage(run.last)))
+        await _send(response, fmt.usage(usage))
+    if receipt is not None:
+        await response.write(
+            b"data: " + _dumps({"object": "openlora.usage_record", "openlora": receipt.to_wire()}).encode() + b"\n\n"
+        )
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 async def _send(response: web.StreamResponse, chunk: BaseModel) -> None:

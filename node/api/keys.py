@@ -9,13 +9,15 @@ from aiohttp import web
 from node.config import Settings
 
 if TYPE_CHECKING:
-    from node.api.metrics import Metrics  # noqa: F401 (named in a string below)
+    from attribution.accounting import Accountant  # noqa: F401 (named in a string below)
+    from node.api.metrics import Metrics  # noqa: F401
     from node.engine import AsyncEngine  # noqa: F401
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey["AsyncEngine"]("engine")
 METRICS = web.AppKey["Metrics"]("metrics")
 OPENAPI = web.AppKey("openapi", dict)
+ACCOUNTANT = web.AppKey["Accountant"]("accountant")  # absent on a node without a chain
 STARTED_AT = web.AppKey("started_at", int)  # unix time the engine came up: `created` of the models
 
 # Set by a streaming handler once its headers are sent, so that the error middleware reports a

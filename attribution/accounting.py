@@ -1,0 +1,195 @@
+"""The node's side of protocol v2 for one request: authorise before generating, record before answering.
+
+`Accountant.authorise` runs the checks of `attribution.checks` (cheap ones first, chain reads last, the
+journal's atomic interval reservation at the very end, so a refused request reserves nothing) and returns a
+`Grant`. `Accountant.record` prices the answer with the terms the grant fixed, signs the usage record with
+the node's key and appends it to the journal durably, and only then returns what the response carries. So:
+no record, no charge; no completed response without a durable record.
+
+`servedAt` is the time the node accepted the request (authorise), not when generation ended: it lies in
+[deadline - maxRequestTtl, deadline] by the deadline check, and it fixes the terms version the request was
+priced with, so a slow generation can never produce a record the contract would call late or mispriced.
+
+Unsigned requests on a node with a chain are refused unless `allow_unsigned`; then they are served free and
+journaled as free entries (charge 0, never batched).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eth_hash.auto import keccak
+
+from attribution import checks
+from attribution.checks import RequestRefused, SignerStatus, Terms
+from attribution.signing import address_of, sign_usage_record
+from attribution.types import BASE_MODEL_ADAPTER_ID, Domain, InferenceRequest, Signature, UsageRecord
+
+
+class Ledger(Protocol):
+    """What the node reads from the chain to authorise a request (implementations cache with a short TTL)."""
+
+    async def signer_status(self, payer: str, signer: str) -> SignerStatus | None: ...
+
+    async def escrow_available(self, payer: str, node: str) -> int:
+        """The account's balance minus what is thawing (thawing funds can leave before the node commits)."""
+        ...
+
+    async def adapter_id(self, cid: str) -> int:
+        """The registry id of an adapter CID; raises LookupError when it is not registered."""
+        ...
+
+    async def terms(self, adapter_id: int, node: str, at: int) -> Terms: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A request the node accepted: what it may generate and how the answer is priced."""
+
+    request: InferenceRequest
+    signature: Signature
+    signer: str
+    terms: Terms
+    accepted_at: int  # becomes the record's servedAt
+
+    @property
+    def max_tokens(self) -> int:
+        return self.request.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The signed record of one answer, as journaled and returned to the client."""
+
+    grant: Grant
+    record: UsageRecord
+    signature: Signature
+    node: str
+    signer: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "request": self.grant.request.to_wire(),
+            "requestSignature": self.grant.signature.to_hex(),
+            "record": self.record.to_wire(),
+            "signature": self.signature.to_hex(),
+            "node": self.node,
+            "signer": self.signer,
+        }
+
+
+def response_hash(text: str) -> bytes:
+    """keccak256 of the UTF-8 answer text (chat: the assistant content; completions: the text)."""
+    return keccak(text.encode())
+
+
+class Accountant:
+    """Authorises signed requests and records their answers for one node."""
+
+    def __init__(
+        self,
+        *,
+        domain: Domain,
+        node: str,
+        key: bytes,
+        ledger: Ledger,
+        journal: Any,
+        max_request_ttl: int,
+        commit_margin: int,
+        allow_unsigned: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.domain = domain
+        self.node = node
+        self._key = key
+        self.signer = address_of(key)
+        self.ledger = ledger
+        self.journal = journal
+        self.max_request_ttl = max_request_ttl
+        self.commit_margin = commit_margin  # how long a signer must stay valid for what we serve now
+        self.allow_unsigned = allow_unsigned
+        self.clock = clock
+        self._in_flight: dict[str, int] = {}  # payer -> maxCharge of granted requests not yet recorded
+
+    async def authorise(
+        self, request: InferenceRequest, signature: Signature, body: bytes, adapter_cid: str | None, input_tokens: int
+    ) -> Grant:
+        """Runs every check; raises `RequestRefused` (nothing reserved, nothing charged) or returns the grant."""
+        now = int(self.clock())
+        signer = checks.check_signature(request, signature, self.domain)
+        checks.check_node(request, self.node)
+        checks.check_deadline(request, now, self.max_request_ttl)
+        checks.check_interval(request)
+        checks.check_prompt_hash(request, body)
+        checks.check_input_tokens(request, input_tokens)
+        if signer != request.payer:
+            checks.check_signer(
+                request, signer, await self.ledger.signer_status(request.payer, signer), now, self.commit_margin
+            )
+        adapter_id = BASE_MODEL_ADAPTER_ID
+        if adapter_cid is not None:
+            try:
+                adapter_id = await self.ledger.adapter_id(adapter_cid)
+            except LookupError:
+                raise RequestRefused(
+                    "adapter",
+                    f"The adapter {adapter_cid} is not registered on chain, so it cannot be paid for.",
+                    status=422,
+                    code="adapter_not_registered",
+                ) from None
+        checks.check_adapter(request, adapter_id, adapter_cid or "the base model")
+        terms = await self.ledger.terms(adapter_id, self.node, now)
+        checks.check_price(request, terms)
+        available = await self.ledger.escrow_available(request.payer, self.node)
+        uncommitted = await self.journal.uncommitted_charge(request.payer)
+        # No await between the escrow check and counting the grant in flight: two concurrent requests of
+        # one payer cannot both spend the same free escrow.
+        checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
+        self._in_flight[request.payer] = self._in_flight.get(request.payer, 0) + request.max_charge
+        grant = Grant(request, signature, signer, terms, now)
+        try:
+            await self.journal.reserve(request.payer, *request.interval)
+        except BaseException:
+            self._release(grant)
+            raise
+        return grant
+
+    def _release(self, grant: Grant) -> None:
+        payer = grant.request.payer
+        left = self._in_flight[payer] - grant.request.max_charge
+        if left:
+            self._in_flight[payer] = left
+        else:
+            del self._in_flight[payer]
+
+    def release(self, grant: Grant) -> None:
+        """Ends a grant that produced no answer (engine failure, client gone before any token): no record,
+        no charge. Its interval stays reserved: the signed request can never be served again."""
+        self._release(grant)
+
+    async def record(self, grant: Grant, text: str, output_tokens: int) -> Receipt:
+        """Signs and durably journals the record of an answer; returns it once it is on disk."""
+        request = grant.request
+        adapter_amount, charge = grant.terms.charge(request.input_tokens, output_tokens)
+        record = UsageRecord(
+            request_digest=request.digest(self.domain),
+            terms_version=grant.terms.terms_version,
+            output_tokens=output_tokens,
+            adapter_amount=adapter_amount,
+            charge=charge,
+            response_hash=response_hash(text),
+            served_at=grant.accepted_at,
+        )
+        receipt = Receipt(grant, record, sign_usage_record(record, self.domain, self._key), self.node, self.signer)
+        try:
+            await self.journal.append(receipt)
+        finally:
+            self._release(grant)  # journaled: now counted by the journal's uncommitted charge (or never charged)
+        return receipt
+
+    async def record_free(self, input_tokens: int, output_tokens: int) -> None:
+        """Journals an unsigned request served free (`allow_unsigned`): counted, never charged or batched."""
+        await self.journal.append_free(int(self.clock()), input_tokens, output_tokens)
