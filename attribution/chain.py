@@ -20,10 +20,10 @@ from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import TxReceipt
 
+from attribution.aggregation import Batch, Tree
 from attribution.artifacts import abi_type, decode_revert, load_artifact
-from attribution.batch import Batch, Tree
-from attribution.eip712 import Domain
 from attribution.errors import ChainError
+from attribution.types import Domain
 
 Totals = tuple[list[tuple[str, int]], list[tuple[int, int, int]]]
 
@@ -278,32 +278,42 @@ class NodeRegistryClient(ContractClient):
     async def min_stake(self) -> int:
         return await self._call("minStake")
 
+    async def slashable_of(self, node: str) -> int:
+        return await self._call("slashableOf", node)
+
 
 @dataclass(frozen=True)
 class EscrowAccount:
+    """A payer's account for one node: `balance` includes the `thawing` part announced for withdrawal."""
+
     balance: int
     thawing: int
     thaw_end: int
+
+    @property
+    def available(self) -> int:
+        """What a node may still count on for new requests (thawing funds can leave before it commits)."""
+        return self.balance - self.thawing
 
 
 class PaymentEscrowClient(ContractClient):
     artifact = "PaymentEscrow"
 
-    async def deposit(self, sender: LocalAccount, amount: int) -> TxReceipt:
-        return await self._send(sender, "deposit", amount)
+    async def deposit(self, sender: LocalAccount, node: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "deposit", node, amount)
 
-    async def deposit_for(self, sender: LocalAccount, payer: str, amount: int) -> TxReceipt:
-        return await self._send(sender, "depositFor", payer, amount)
+    async def deposit_for(self, sender: LocalAccount, payer: str, node: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "depositFor", payer, node, amount)
 
-    async def deposit_with_permit(self, sender: LocalAccount, amount: int, deadline: int, v: int, r: bytes,
-                                  s: bytes) -> TxReceipt:
-        return await self._send(sender, "depositWithPermit", amount, deadline, v, r, s)
+    async def deposit_with_permit(self, sender: LocalAccount, node: str, amount: int, deadline: int, v: int,
+                                  r: bytes, s: bytes) -> TxReceipt:
+        return await self._send(sender, "depositWithPermit", node, amount, deadline, v, r, s)
 
-    async def request_withdrawal(self, sender: LocalAccount, amount: int) -> TxReceipt:
-        return await self._send(sender, "requestWithdrawal", amount)
+    async def request_withdrawal(self, sender: LocalAccount, node: str, amount: int) -> TxReceipt:
+        return await self._send(sender, "requestWithdrawal", node, amount)
 
-    async def withdraw(self, sender: LocalAccount, to: str | None = None) -> TxReceipt:
-        return await self._send(sender, "withdraw", to or sender.address)
+    async def withdraw(self, sender: LocalAccount, node: str) -> TxReceipt:
+        return await self._send(sender, "withdraw", node)
 
     async def authorize_signer(self, sender: LocalAccount, signer: str) -> TxReceipt:
         return await self._send(sender, "authorizeSigner", signer)
@@ -311,14 +321,23 @@ class PaymentEscrowClient(ContractClient):
     async def revoke_signer(self, sender: LocalAccount, signer: str) -> TxReceipt:
         return await self._send(sender, "revokeSigner", signer)
 
-    async def account_of(self, payer: str) -> EscrowAccount:
-        return EscrowAccount(*await self._call("accountOf", payer))
+    async def account_of(self, payer: str, node: str) -> EscrowAccount:
+        return EscrowAccount(*await self._call("accountOf", payer, node))
 
-    async def is_authorized(self, payer: str, signer: str, timestamp: int) -> bool:
-        return await self._call("isAuthorized", payer, signer, timestamp)
+    async def signer_of(self, payer: str, signer: str) -> tuple[int, int]:
+        """[since, until) of a signer key: (0, 0) if never authorised, until = 2**64-1 if not revoked."""
+        since, until = await self._call("signerOf", payer, signer)
+        return since, until
 
-    async def total_locked(self) -> int:
-        return await self._call("totalLocked")
+    async def signer_valid_at(self, payer: str, signer: str, timestamp: int) -> bool:
+        return await self._call("signerValidAt", payer, signer, timestamp)
+
+    async def collected_of(self, payer: str, node: str) -> int:
+        """What the node's committed, not voided batches charged `payer` (never above its signed caps)."""
+        return await self._call("collectedOf", payer, node)
+
+    async def total_collected(self) -> int:
+        return await self._call("totalCollected")
 
 
 @dataclass(frozen=True)
@@ -332,6 +351,14 @@ class BatchHeader:
     payer_sum: int
     adapter_sum: int
     totals_hash: bytes
+    covered: int  # part of payer_sum the node's stake paid because a payer's escrow fell short
+
+
+def challenge_commitment(challenger: str, calldata: bytes | str) -> bytes:
+    """What `commitChallenge` takes before a proof: keccak256(abi.encode(challenger, keccak256(calldata)))."""
+    if isinstance(calldata, str):
+        calldata = bytes.fromhex(calldata.removeprefix("0x"))
+    return keccak(bytes.fromhex(challenger.removeprefix("0x")).rjust(32, b"\0") + keccak(calldata))
 
 
 class UsageSettlementClient(ContractClient):
@@ -343,8 +370,9 @@ class UsageSettlementClient(ContractClient):
         return Domain(self.chain.chain_id, self.address)
 
     async def commit_batch(self, sender: LocalAccount, node: str, batch: Batch, cid: str) -> tuple[int, TxReceipt]:
-        """Commits `batch` for `node`; returns (batch id, receipt)."""
-        receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid), batch.totals())
+        """Commits `batch` (roots, totals, one voucher per payer) for `node`; returns (batch id, receipt)."""
+        receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid), batch.totals(),
+                                   batch.vouchers_abi())
         return self.events(receipt, "BatchCommitted")[0]["batchId"], receipt
 
     async def finalize_batch(self, sender: LocalAccount, batch_id: int, totals: Totals) -> TxReceipt:
@@ -356,49 +384,73 @@ class UsageSettlementClient(ContractClient):
     async def claim(self, sender: LocalAccount, to: str | None = None) -> TxReceipt:
         return await self._send(sender, "claim", to or sender.address)
 
+    async def commit_challenge(self, sender: LocalAccount, commitment: bytes) -> TxReceipt:
+        return await self._send(sender, "commitChallenge", commitment)
+
+    async def prove(self, sender: LocalAccount, fn: Any, *, commit: bool = True) -> TxReceipt:
+        """Sends a fraud proof. It is first estimated (an honest batch makes it revert here, with the reason,
+        before anything is spent); with `commit` the proof is then committed to in its own block
+        ({commitChallenge}) so the reward is the sender's, not whoever copies the pending proof."""
+        data = fn._encode_transaction_data()
+        tx = {"from": sender.address, "to": self.address, "data": data, "value": 0}
+        try:
+            await self.chain.w3.eth.estimate_gas(tx)
+        except ContractLogicError as exc:
+            raise decode_revert(exc.data) from None
+        if commit:
+            await self.commit_challenge(sender, challenge_commitment(sender.address, data))
+        return await self.chain.transact(sender, fn)
+
     # Fraud proofs: each returns the receipt of the voiding transaction.
 
     async def prove_invalid_record(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
-                                   index: int) -> TxReceipt:
-        return await self._send(sender, "proveInvalidRecord", batch_id, batch.totals(), int(tree),
-                                batch.leaf_proof(tree, index))
+                                   index: int, *, commit: bool = True) -> TxReceipt:
+        f = self.contract.functions.proveInvalidRecord
+        return await self.prove(sender, f(batch_id, batch.totals(), int(tree), batch.leaf_proof(tree, index)),
+                                commit=commit)
 
     async def prove_leaf_sum_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
-                                      index: int) -> TxReceipt:
+                                      index: int, *, commit: bool = True) -> TxReceipt:
         claimed = batch.tree(tree).node(0, index).sum
-        return await self._send(sender, "proveLeafSumMismatch", batch_id, batch.totals(), int(tree),
-                                batch.leaf_proof(tree, index), claimed)
+        f = self.contract.functions.proveLeafSumMismatch
+        return await self.prove(sender, f(batch_id, batch.totals(), int(tree), batch.leaf_proof(tree, index), claimed),
+                                commit=commit)
 
     async def prove_node_sum_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
-                                      level: int, index: int) -> TxReceipt:
+                                      level: int, index: int, *, commit: bool = True) -> TxReceipt:
         node, siblings = batch.node_proof(tree, level, index)
         t = batch.tree(tree)
         left, right = t.node(level - 1, 2 * index), t.node(level - 1, 2 * index + 1)
-        return await self._send(sender, "proveNodeSumMismatch", batch_id, batch.totals(), int(tree), level, index,
-                                node, siblings, left.as_tuple(), right.as_tuple())
+        f = self.contract.functions.proveNodeSumMismatch
+        return await self.prove(sender, f(batch_id, batch.totals(), int(tree), level, index, node, siblings,
+                                          left.as_tuple(), right.as_tuple()), commit=commit)
 
     async def prove_misorder(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
-                             index: int) -> TxReceipt:
-        return await self._send(sender, "proveMisorder", batch_id, batch.totals(), int(tree),
-                                batch.leaf_proof(tree, index), batch.leaf_proof(tree, index + 1))
+                             index: int, *, commit: bool = True) -> TxReceipt:
+        f = self.contract.functions.proveMisorder
+        return await self.prove(sender, f(batch_id, batch.totals(), int(tree), batch.leaf_proof(tree, index),
+                                          batch.leaf_proof(tree, index + 1)), commit=commit)
 
     async def prove_total_mismatch(self, sender: LocalAccount, batch_id: int, batch: Batch, tree: Tree,
-                                   entry: int) -> TxReceipt:
+                                   entry: int, *, commit: bool = True) -> TxReceipt:
         lower, upper = batch.total_boundaries(tree, entry)
-        return await self._send(sender, "proveTotalMismatch", batch_id, batch.totals(), int(tree), entry,
-                                lower, upper)
+        f = self.contract.functions.proveTotalMismatch
+        return await self.prove(sender, f(batch_id, batch.totals(), int(tree), entry, lower, upper), commit=commit)
 
     async def prove_missing_record(self, sender: LocalAccount, batch_id: int, batch: Batch, source: Tree,
-                                   index: int) -> TxReceipt:
+                                   index: int, *, commit: bool = True) -> TxReceipt:
         leaf = batch.leaves(source)[index]
-        return await self._send(sender, "proveMissingRecord", batch_id, batch.totals(), int(source),
-                                batch.leaf_proof(source, index), batch.missing_slot(source.other, leaf))
+        f = self.contract.functions.proveMissingRecord
+        return await self.prove(sender, f(batch_id, batch.totals(), int(source), batch.leaf_proof(source, index),
+                                          batch.missing_slot(source.other, leaf)), commit=commit)
 
     async def prove_duplicate(self, sender: LocalAccount, batch_id: int, batch: Batch, index: int,
-                              other_batch_id: int, other_batch: Batch, other_index: int) -> TxReceipt:
-        return await self._send(sender, "proveDuplicate", batch_id, batch.totals(),
-                                batch.leaf_proof(Tree.PAYER, index), other_batch_id,
-                                other_batch.leaf_proof(Tree.PAYER, other_index))
+                              other_batch_id: int, other_batch: Batch, other_index: int, *,
+                              commit: bool = True) -> TxReceipt:
+        f = self.contract.functions.proveDuplicate
+        return await self.prove(sender, f(batch_id, batch.totals(), batch.leaf_proof(Tree.PAYER, index),
+                                          other_batch_id, other_batch.leaf_proof(Tree.PAYER, other_index)),
+                                commit=commit)
 
     # Views
 
@@ -413,6 +465,15 @@ class UsageSettlementClient(ContractClient):
 
     async def undistributed_of(self, adapter_id: int, version: int) -> int:
         return await self._call("undistributedOf", adapter_id, version)
+
+    async def pending_charges_of(self, node: str) -> int:
+        return await self._call("pendingChargesOf", node)
+
+    async def deficit_of(self, batch_id: int, payer: str) -> int:
+        return await self._call("deficitOf", batch_id, payer)
+
+    async def challenge_committed_at(self, commitment: bytes) -> int:
+        return await self._call("challengeCommittedAt", commitment)
 
     async def check_leaf(self, node: str, committed_at: int, leaf_abi: tuple[Any, ...]) -> int:
         """The contract's verdict on a leaf (the `Fraud` enum value, 0 = valid)."""

@@ -31,31 +31,51 @@ DAY = 86_400
 
 @dataclass(frozen=True)
 class DeployConfig:
-    """Economic and timing parameters. Times in seconds, amounts in OPEN wei, shares in basis points."""
+    """Economic and timing parameters. Times in seconds, amounts in OPEN wei, shares in basis points.
+
+    The periods are tied: a node serves a request at most `max_request_ttl` before its deadline and commits
+    it at most `max_commit_delay` after, so a signer revocation (`notice_period`) and a withdrawal
+    (`thaw_period`) must take longer than both together, or a payer could pull out from under served work;
+    unbonding must outlast the challenge window, or a node could leave before its batch can be voided.
+    The contracts check the same rules at deployment.
+    """
 
     token: str | None = None  # existing OPEN address; None deploys the OpenToken stand-in
     treasury: str | None = None  # protocol fee and slash recipient; None = deployer
     min_stake: int = 1_000 * 10**18
-    batch_interval: int = 3_600  # how often nodes commit (off chain; bounds the thaw period)
     challenge_window: int = DAY
-    thaw_period: int = 3 * DAY  # must exceed batch_interval + challenge_window
+    thaw_period: int = 3 * DAY  # must exceed max_request_ttl + max_commit_delay
     unbonding_delay: int = 7 * DAY  # must exceed challenge_window
-    notice_period: int = 600  # delay before price, fee and signer-revocation changes take effect
-    max_request_ttl: int = 3_600  # a record is served within [deadline - ttl, deadline]
+    notice_period: int = 2 * 3_600  # signer revocations, prices, fees; must exceed max_request_ttl + max_commit_delay
+    max_request_ttl: int = 600  # a record is served within [deadline - ttl, deadline]
+    max_commit_delay: int = 3_600  # and committed at most this long after the deadline
     protocol_fee_bps: int = 250
-    slash_bps: int = 5_000
-    challenger_reward_bps: int = 5_000
+    slash_bps: int = 5_000  # of a voided batch's charges
+    challenger_reward_bps: int = 5_000  # of the slash
+    min_slash: int = 100 * 10**18
+    max_payers_per_batch: int = 256  # bound the gas of a commit and of a void
+    max_adapter_entries_per_batch: int = 512  # bound the gas of a finalize
 
     def validate(self) -> None:
-        if self.thaw_period <= self.batch_interval + self.challenge_window:
-            raise DeploymentError("thaw_period must exceed batch_interval + challenge_window")
+        serve = self.max_request_ttl + self.max_commit_delay
+        if self.notice_period <= serve:
+            raise DeploymentError("notice_period must exceed max_request_ttl + max_commit_delay")
+        if self.thaw_period <= serve:
+            raise DeploymentError("thaw_period must exceed max_request_ttl + max_commit_delay")
         if self.unbonding_delay <= self.challenge_window:
             raise DeploymentError("unbonding_delay must exceed challenge_window")
-        for name in ("protocol_fee_bps", "slash_bps", "challenger_reward_bps"):
+        for name in ("challenge_window", "max_commit_delay", "max_payers_per_batch", "max_adapter_entries_per_batch"):
+            if getattr(self, name) <= 0:
+                raise DeploymentError(f"{name} must be positive")
+        for name in ("protocol_fee_bps", "challenger_reward_bps"):
             if not 0 <= getattr(self, name) <= 10_000:
                 raise DeploymentError(f"{name} must be within 0..10000")
-        if min(self.challenge_window, self.max_request_ttl, self.min_stake) < 0:
+        if not 0 < self.slash_bps <= 10_000:
+            raise DeploymentError("slash_bps must be within 1..10000")
+        if min(self.max_request_ttl, self.min_stake, self.min_slash) < 0:
             raise DeploymentError("durations and amounts must not be negative")
+        if self.treasury is not None and int(self.treasury, 16) == 0:
+            raise DeploymentError("treasury must not be the zero address")
 
 
 @dataclass(frozen=True)
@@ -138,7 +158,8 @@ async def deploy_contracts(chain: Chain, deployer_private_key: str, config: Depl
     settlement_config = (
         token, contracts["PaymentEscrow"], contracts["NodeRegistry"], contracts["AdapterRegistry"],
         config.treasury or deployer.address, config.challenge_window, config.max_request_ttl,
-        config.protocol_fee_bps, config.slash_bps, config.challenger_reward_bps,
+        config.max_commit_delay, config.protocol_fee_bps, config.slash_bps, config.challenger_reward_bps,
+        config.min_slash, config.max_payers_per_batch, config.max_adapter_entries_per_batch,
     )
     contracts["UsageSettlement"] = await chain.deploy(deployer, "UsageSettlement", settlement_config)
     if contracts["UsageSettlement"] != settlement:

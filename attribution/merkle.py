@@ -7,7 +7,7 @@ Layout: a complete binary tree of height `depth` over 2**depth leaf slots. Recor
     sum  = left.sum + right.sum
 
 so a parent commits to its children's sums and a proof is the list of sibling (hash, sum) pairs from the
-leaf up. A leaf's hash is the double keccak of its ABI encoding (computed by `attribution.batch`); its
+leaf up. A leaf's hash is the double keccak of its ABI encoding (computed by `attribution.aggregation`); its
 sum is the record's charge (payer tree) or adapter amount (adapter tree).
 
 Worked example, depth 2, leaves a, b, c and one empty slot:
@@ -22,7 +22,7 @@ sums), which is how a range total is proven from its two boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from eth_hash.auto import keccak
@@ -55,31 +55,16 @@ def depth_for(count: int) -> int:
 
 
 class SumTree:
-    """All levels of a Merkle-sum tree; `levels[0]` are the leaf slots, `levels[depth]` the root.
+    """All levels of a Merkle-sum tree; `levels[0]` are the leaf slots, `levels[depth]` the root."""
 
-    `tamper` replaces nodes while building ((level, index) -> node): only tests use it, to make the
-    dishonest trees that fraud proofs catch.
-    """
-
-    def __init__(
-        self,
-        leaves: Sequence[SumNode],
-        depth: int | None = None,
-        tamper: Mapping[tuple[int, int], SumNode] | None = None,
-    ) -> None:
+    def __init__(self, leaves: Sequence[SumNode], depth: int | None = None) -> None:
         self.depth = depth_for(len(leaves)) if depth is None else depth
         if not 0 <= self.depth <= MAX_DEPTH or len(leaves) > 1 << self.depth:
             raise ValueError(f"{len(leaves)} leaves do not fit depth {self.depth}")
-        tamper = tamper or {}
-        level = list(leaves) + [EMPTY] * ((1 << self.depth) - len(leaves))
-        level = [tamper.get((0, i), node) for i, node in enumerate(level)]
-        self.levels: list[list[SumNode]] = [level]
-        for height in range(1, self.depth + 1):
+        self.levels: list[list[SumNode]] = [list(leaves) + [EMPTY] * ((1 << self.depth) - len(leaves))]
+        for _ in range(self.depth):
             below = self.levels[-1]
-            level = [
-                tamper.get((height, i), parent(below[2 * i], below[2 * i + 1])) for i in range(len(below) // 2)
-            ]
-            self.levels.append(level)
+            self.levels.append([parent(below[2 * i], below[2 * i + 1]) for i in range(len(below) // 2)])
 
     @property
     def root(self) -> SumNode:

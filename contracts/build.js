@@ -23,7 +23,7 @@ const NODE_MODULES = path.join(ROOT, 'node_modules');
 // ReentrancyGuardTransient) and mcopy; every current L1/L2 supports it.
 const SETTINGS = {
   evmVersion: 'cancun',
-  optimizer: { enabled: true, runs: 1000 },
+  optimizer: { enabled: true, runs: 200 }, // 200: UsageSettlement must fit EIP-170's 24,576-byte code limit
   viaIR: false,
   metadata: { bytecodeHash: 'none' },
   outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object'] } },

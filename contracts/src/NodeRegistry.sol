@@ -9,7 +9,7 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// @notice Inference node operators stake OPEN, name their record-signing key, their public endpoint (so
 /// dApps discover nodes on chain) and their fee per token. Stake leaves through an unbonding delay longer
 /// than the settlement challenge window, so it can still be slashed for a batch committed before. Only the
-/// settlement contract can slash.
+/// settlement contract can slash, and take stake to cover a payer shortfall the node let happen.
 contract NodeRegistry is ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -46,6 +46,8 @@ contract NodeRegistry is ReentrancyGuardTransient {
     event NodeUnbondingStarted(address indexed node, uint256 amount, uint256 unbonding, uint64 unbondingEnd);
     event NodeUnbondedWithdrawn(address indexed node, uint256 amount);
     event NodeSlashed(address indexed node, uint256 amount, address indexed recipient);
+    event NodeStakeCovered(address indexed node, uint256 amount, uint256 stake);
+    event NodeCoverReturned(address indexed node, uint256 amount, uint256 stake);
 
     error NodeRegistryAlreadyRegistered(address node);
     error NodeRegistryNotRegistered(address node);
@@ -167,6 +169,25 @@ contract NodeRegistry is ReentrancyGuardTransient {
         if (slashed > 0) token.safeTransfer(settlement, slashed);
     }
 
+    /// @notice Takes `amount` from the node's stake (not its unbonding stake) and sends it to the settlement
+    /// contract, which pays with it a payer's charge the payer's escrow could not. Only settlement; reverts
+    /// when the stake is too small (the commit that needed it reverts with it).
+    function cover(address nodeAddress, uint128 amount) external onlySettlement nonReentrant {
+        Node storage node = _nodes[nodeAddress];
+        if (amount > node.stake) revert NodeRegistryInsufficientStake(node.stake, amount);
+        node.stake -= amount;
+        emit NodeStakeCovered(nodeAddress, amount, node.stake);
+        token.safeTransfer(settlement, amount);
+    }
+
+    /// @notice Credits `amount` back to the node's stake after the settlement contract has sent it here:
+    /// a voided batch returns what the node covered. Only settlement.
+    function returnCover(address nodeAddress, uint128 amount) external onlySettlement {
+        Node storage node = _nodes[nodeAddress];
+        node.stake += amount;
+        emit NodeCoverReturned(nodeAddress, amount, node.stake);
+    }
+
     /// @notice The node's record: signer key, staked and unbonding amounts, unbonding end, endpoint.
     function nodeOf(address nodeAddress)
         external
@@ -183,9 +204,10 @@ contract NodeRegistry is ReentrancyGuardTransient {
         return node.registered && node.stake >= minStake;
     }
 
-    /// @notice What settlement needs at commit time: whether the node is active and its signer key.
-    function commitInfo(address nodeAddress) external view returns (bool active, address signer) {
-        return (isActive(nodeAddress), _nodes[nodeAddress].signer);
+    /// @notice What settlement needs at commit time: whether the node is active, its signer key and stake.
+    function commitInfo(address nodeAddress) external view returns (bool active, address signer, uint128 stake) {
+        Node storage node = _nodes[nodeAddress];
+        return (isActive(nodeAddress), node.signer, node.stake);
     }
 
     /// @notice Total slashable amount (stake plus unbonding) of a node.

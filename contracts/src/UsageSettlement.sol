@@ -17,23 +17,33 @@ import {
     PayerTotal,
     SumNode,
     UsageRecord,
-    UsageTypes
+    UsageTypes,
+    Voucher
 } from "./UsageTypes.sol";
 
-/// @title UsageSettlement
-/// @notice Batched settlement of signed usage records with fraud proofs.
+/// @title UsageSettlement (protocol v2)
+/// @notice Batched settlement of signed usage records: payer-signed cumulative caps checked at commit,
+/// fraud proofs during a challenge window.
 ///
-/// A node commits a batch as two Merkle-sum trees over the same leaves (signed request + usage record):
-/// the *payer tree* sorted by (payer, nonce) whose sums are charges, and the *adapter tree* sorted by
-/// (adapterId, termsVersion, payer, nonce) whose sums are adapter amounts. With the roots it commits the
-/// per-payer charges and the per-(adapter, version) revenues; each is a contiguous range of one tree, so a
-/// wrong total is provable from two boundaries of O(log n) data. Every other cheat (a bad signature, a
-/// charge above the cap or not price x tokens, an expired or misdirected request, a duplicated nonce, a
-/// sum node that is not the sum of its children, leaves out of order, a record missing from the other
-/// tree) is provable from one or two leaves and their paths. A proof voids the batch, refunds its payers
-/// and slashes the node, part to the challenger. After the challenge window anyone finalizes: the adapter
-/// revenue waits for {distributeAdapterRevenue}, fees go to claimable balances, and everything is pulled
-/// with {claim}.
+/// Every request a payer signs carries `cumulativeCap`, the running total of the caps it has signed for
+/// the node, and authorises the charge interval `(cumulativeCap - maxCharge, cumulativeCap]`. At commit the
+/// node shows one signed request per payer (the voucher) and the contract enforces
+/// `collected[payer][node] <= voucher.cumulativeCap`: whatever the node publishes or withholds, a payer is
+/// never charged more than it signed for. Charges are collected at commit from the payer's escrow account
+/// for this node; a shortfall (the node served beyond the escrow it should have checked) is covered from the
+/// node's own stake, so one short payer never voids the others' records.
+///
+/// A batch commits its records twice, as two Merkle-sum trees over the same leaves (signed request + usage
+/// record): the *payer tree* sorted by (payer, cumulativeCap) whose sums are charges, and the *adapter tree*
+/// sorted by (adapterId, termsVersion, payer, cumulativeCap) whose sums are adapter amounts; with them the
+/// per-payer charges and per-(adapter, version) revenues, each a contiguous range of one tree. Any cheat in
+/// the published data (a bad signature or price, a charge above its cap, a stale or misdirected request,
+/// a sum that does not add up, leaves out of order or with overlapping intervals, a record missing from one
+/// tree, an interval charged twice) is provable from one or two leaves and their paths. A proof voids the
+/// batch, refunds its payers and slashes the node in proportion to the batch's value; the challenger is
+/// rewarded only if it committed to its proof in an earlier block ({commitChallenge}), so copying a pending
+/// proof earns nothing. After the challenge window anyone finalizes; the adapter revenue waits for
+/// {distributeAdapterRevenue}, fees go to claimable balances, and everything is pulled with {claim}.
 contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -64,7 +74,7 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         Misordered,
         TotalMismatch,
         MissingRecord,
-        DuplicateNonce
+        Overlap
     }
 
     struct Config {
@@ -75,9 +85,13 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         address treasury;
         uint64 challengeWindow;
         uint64 maxRequestTtl;
+        uint64 maxCommitDelay;
         uint16 protocolFeeBps;
         uint16 slashBps;
         uint16 challengerRewardBps;
+        uint128 minSlash;
+        uint32 maxPayersPerBatch;
+        uint32 maxAdapterEntriesPerBatch;
     }
 
     /// @notice What a node commits besides the totals. `count` and `cid` are informational (events).
@@ -106,6 +120,8 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         uint128 payerSum;
         uint128 adapterSum;
         bytes32 totalsHash;
+        /// @dev Part of `payerSum` paid from the node's stake because a payer's escrow fell short.
+        uint128 covered;
     }
 
     /// @notice A leaf (or an empty padding leaf) at `index` and its sibling path, bottom up.
@@ -132,9 +148,15 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     uint64 public immutable challengeWindow;
     /// @notice A record must be served within [deadline - maxRequestTtl, deadline] of its request.
     uint64 public immutable maxRequestTtl;
+    /// @notice A record must be committed at most this long after its request's deadline.
+    uint64 public immutable maxCommitDelay;
     uint16 public immutable protocolFeeBps;
+    /// @notice A void slashes `slashBps` of the batch's charges (at least `minSlash`, at most the stake).
     uint16 public immutable slashBps;
     uint16 public immutable challengerRewardBps;
+    uint128 public immutable minSlash;
+    uint32 public immutable maxPayersPerBatch;
+    uint32 public immutable maxAdapterEntriesPerBatch;
 
     uint256 private _batchCount;
     mapping(uint256 batchId => Batch) private _batches;
@@ -142,6 +164,12 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     /// @dev Per (adapter, version): revenue earned by finalized batches and the part already distributed.
     /// Both only grow, so after the first batch a finalize updates a non-zero slot (5,000 gas, not 22,100).
     mapping(uint64 adapterId => mapping(uint32 version => Revenue)) private _revenue;
+    /// @dev Charges of a node's pending batches; its stake must cover their slash.
+    mapping(address node => uint256) private _pendingCharges;
+    /// @dev Per batch and payer: the part of the payer's charge its escrow could not pay (usually none).
+    mapping(uint256 batchId => mapping(address payer => uint256)) private _deficits;
+    /// @dev Challenge commitment keccak256(abi.encode(challenger, keccak256(proof calldata))) -> block number.
+    mapping(bytes32 commitment => uint256 blockNumber) private _challengeCommits;
 
     event BatchCommitted(
         uint256 indexed batchId,
@@ -154,25 +182,41 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         uint8 depth,
         string cid
     );
+    event PayerShort(uint256 indexed batchId, address indexed payer, uint256 charge, uint256 covered);
     event BatchFinalized(uint256 indexed batchId, uint256 adapterRevenue, uint256 nodeFee, uint256 protocolFee);
-    event BatchVoided(uint256 indexed batchId, address indexed challenger, Fraud reason, uint256 slashed, uint256 reward);
+    event BatchVoided(
+        uint256 indexed batchId,
+        address indexed challenger,
+        address indexed rewarded,
+        Fraud reason,
+        uint256 slashed,
+        uint256 reward
+    );
+    event ChallengeCommitted(address indexed challenger, bytes32 indexed commitment, uint256 blockNumber);
     event AdapterRevenueDistributed(uint64 indexed adapterId, uint32 indexed version, uint256 amount);
     event Claimed(address indexed account, address indexed to, uint256 amount);
 
-    error UsageSettlementBadConfig(uint256 code);
+    error UsageSettlementBadConfig(string reason);
     error UsageSettlementNotNodeOrSigner(address node, address caller);
     error UsageSettlementNodeInactive(address node);
     error UsageSettlementBadShape(uint32 count, uint8 depth);
-    error UsageSettlementEmptyBatch();
+    error UsageSettlementBadPayerCount(uint256 payers, uint256 vouchers, uint256 max);
+    error UsageSettlementTooManyAdapterEntries(uint256 entries, uint256 max);
     error UsageSettlementPayersNotSorted(uint256 index);
     error UsageSettlementAdaptersNotSorted(uint256 index);
+    error UsageSettlementZeroAmount(Tree tree, uint256 index);
+    error UsageSettlementBaseModelEntry(uint256 index);
     error UsageSettlementSumMismatch(Tree tree, uint256 totals, uint256 rootSum);
     error UsageSettlementAdapterSumTooHigh(uint256 adapterSum, uint256 payerSum);
+    error UsageSettlementVoucherMismatch(uint256 index, address payer, address node);
+    error UsageSettlementBadVoucherSignature(address payer, address signer);
+        error UsageSettlementStakeTooLow(address node, uint256 stake, uint256 pendingCharges);
     error UsageSettlementUnknownBatch(uint256 batchId);
     error UsageSettlementNotPending(uint256 batchId, Status status);
     error UsageSettlementTotalsMismatch(uint256 batchId, bytes32 expected, bytes32 given);
     error UsageSettlementChallengeWindowOpen(uint256 batchId, uint256 endsAt);
     error UsageSettlementChallengeWindowClosed(uint256 batchId, uint256 endedAt);
+    error UsageSettlementChallengeAlreadyCommitted(bytes32 commitment);
     error UsageSettlementNothingToClaim(address account);
     error UsageSettlementNothingToDistribute(uint64 adapterId, uint32 version);
     error UsageSettlementBadProofLength(uint256 expected, uint256 given);
@@ -192,22 +236,38 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     error UsageSettlementNotComparable(uint256 batchId);
     error UsageSettlementDifferentNodes(address node, address otherNode);
     error UsageSettlementSameLeaf(uint256 batchId, uint256 index);
-    error UsageSettlementNotDuplicate(address payer, uint64 nonce);
+    error UsageSettlementNoOverlap(address payer, address otherPayer);
 
-    /// @param config Contract addresses and economic parameters; the escrow and the node registry must
-    /// name this contract as their settlement, and both delays must outlast the challenge window.
-    constructor(Config memory config) EIP712("OpenLoRA", "1") {
-        if (config.protocolFeeBps > _BPS || config.slashBps > _BPS || config.challengerRewardBps > _BPS) {
-            revert UsageSettlementBadConfig(1);
+    /// @param config Contract addresses and economic parameters. The escrow and the node registry must name
+    /// this contract as their settlement and share its token. Periods: a signer revocation and a withdrawal
+    /// must outlast `maxRequestTtl + maxCommitDelay` (so what a node checked when serving is still there
+    /// when it must commit), unbonding must outlast the challenge window (so a pending batch stays slashable).
+    constructor(Config memory config) EIP712("OpenLoRA", "2") {
+        if (config.treasury == address(0)) revert UsageSettlementBadConfig("treasury is the zero address");
+        if (config.protocolFeeBps > _BPS || config.challengerRewardBps > _BPS) {
+            revert UsageSettlementBadConfig("basis points above 10000");
+        }
+        if (config.slashBps == 0 || config.slashBps > _BPS) revert UsageSettlementBadConfig("slashBps not in 1..10000");
+        if (config.challengeWindow == 0) revert UsageSettlementBadConfig("challengeWindow is 0");
+        if (config.maxCommitDelay == 0) revert UsageSettlementBadConfig("maxCommitDelay is 0");
+        if (config.maxPayersPerBatch == 0 || config.maxAdapterEntriesPerBatch == 0) {
+            revert UsageSettlementBadConfig("batch entry caps are 0");
         }
         if (config.escrow.settlement() != address(this) || config.nodes.settlement() != address(this)) {
-            revert UsageSettlementBadConfig(2);
+            revert UsageSettlementBadConfig("escrow or node registry names another settlement");
         }
         if (config.escrow.token() != config.token || config.nodes.token() != config.token) {
-            revert UsageSettlementBadConfig(3);
+            revert UsageSettlementBadConfig("escrow or node registry holds another token");
         }
-        if (config.escrow.thawPeriod() <= config.challengeWindow || config.nodes.unbondingDelay() <= config.challengeWindow) {
-            revert UsageSettlementBadConfig(4);
+        uint256 servePeriod = uint256(config.maxRequestTtl) + config.maxCommitDelay;
+        if (config.escrow.noticePeriod() == 0 || config.escrow.noticePeriod() <= servePeriod) {
+            revert UsageSettlementBadConfig("noticePeriod must exceed maxRequestTtl + maxCommitDelay");
+        }
+        if (config.escrow.thawPeriod() <= servePeriod) {
+            revert UsageSettlementBadConfig("thawPeriod must exceed maxRequestTtl + maxCommitDelay");
+        }
+        if (config.nodes.unbondingDelay() <= config.challengeWindow) {
+            revert UsageSettlementBadConfig("unbondingDelay must exceed challengeWindow");
         }
         token = config.token;
         escrow = config.escrow;
@@ -216,62 +276,67 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         treasury = config.treasury;
         challengeWindow = config.challengeWindow;
         maxRequestTtl = config.maxRequestTtl;
+        maxCommitDelay = config.maxCommitDelay;
         protocolFeeBps = config.protocolFeeBps;
         slashBps = config.slashBps;
         challengerRewardBps = config.challengerRewardBps;
+        minSlash = config.minSlash;
+        maxPayersPerBatch = config.maxPayersPerBatch;
+        maxAdapterEntriesPerBatch = config.maxAdapterEntriesPerBatch;
     }
 
     // ------------------------------------------------------------------ commit and finalize
 
-    /// @notice Commits a batch of `node`'s usage records and locks each payer's charge in the escrow.
-    /// Callable by the node or its signer key while the node is active.
+    /// @notice Commits a batch of `node`'s usage records and collects each payer's charge from its escrow
+    /// account for `node`. Callable by the node or its signer key while the node is active.
+    /// Per payer, `vouchers[i]` is a request signed by `totals.payers[i].payer` (or a signer valid now) for
+    /// `node`, and what the node has collected from that payer, this charge included, must not exceed its
+    /// `cumulativeCap`. A payer's shortfall is covered from the node's stake. The node's stake must cover
+    /// the slash of all its pending charges.
     /// @param c Roots and sums of the two trees, tree depth, record count and the batch file's CID.
-    /// @param totals Per-payer charges (sorted by payer) and per-(adapter, version) revenues (sorted).
+    /// @param totals Per-payer charges (sorted by payer) and per-(adapter, version) revenues (sorted), all > 0.
+    /// @param vouchers One signed request per payer, in the order of `totals.payers`.
     /// @return batchId The new batch's id (ids start at 1).
-    function commitBatch(address node, Commitment calldata c, BatchTotals calldata totals)
+    function commitBatch(address node, Commitment calldata c, BatchTotals calldata totals, Voucher[] calldata vouchers)
         external
         nonReentrant
         returns (uint256 batchId)
     {
-        (bool active, address signer) = nodes.commitInfo(node);
+        (bool active, address signer, uint128 stake) = nodes.commitInfo(node);
         if (msg.sender != node && msg.sender != signer) revert UsageSettlementNotNodeOrSigner(node, msg.sender);
         if (!active) revert UsageSettlementNodeInactive(node);
-        if (c.count == 0 || c.depth > _MAX_DEPTH || c.count > (uint256(1) << c.depth)) {
-            revert UsageSettlementBadShape(c.count, c.depth);
+        _checkShape(c, totals, vouchers.length);
+        PayerTotal[] calldata payers = totals.payers;
+        for (uint256 i = 0; i < payers.length; ++i) {
+            _checkVoucher(node, i, payers[i].payer, vouchers[i]);
         }
-        if (totals.payers.length == 0) revert UsageSettlementEmptyBatch();
-        uint256 payerSum = _sumPayers(totals.payers);
-        if (payerSum != c.payerSum) revert UsageSettlementSumMismatch(Tree.Payer, payerSum, c.payerSum);
-        uint256 adapterSum = _sumAdapters(totals.adapters);
-        if (adapterSum != c.adapterSum) revert UsageSettlementSumMismatch(Tree.Adapter, adapterSum, c.adapterSum);
-        if (adapterSum > payerSum) revert UsageSettlementAdapterSumTooHigh(adapterSum, payerSum);
+        uint256 pending = _pendingCharges[node] + c.payerSum;
+        _pendingCharges[node] = pending;
+        Batch storage b;
+        (batchId, b) = _store(node, c, totals);
 
-        batchId = ++_batchCount;
-        _batches[batchId] = Batch({
-            node: node,
-            committedAt: uint64(block.timestamp),
-            depth: c.depth,
-            status: Status.Pending,
-            payerRoot: c.payerRoot,
-            adapterRoot: c.adapterRoot,
-            payerSum: c.payerSum,
-            adapterSum: c.adapterSum,
-            totalsHash: keccak256(abi.encode(totals))
-        });
-        emit BatchCommitted(
-            batchId, node, c.payerRoot, c.adapterRoot, c.payerSum, c.adapterSum, c.count, c.depth, c.cid
-        );
-        escrow.lock(totals.payers);
+        // Interactions with our own escrow and registry (no token callbacks reach an outsider here).
+        uint256 covered = _collect(batchId, node, payers, vouchers);
+        if (covered > 0) {
+            if (covered > stake) revert UsageSettlementStakeTooLow(node, stake, covered);
+            // covered <= stake < 2^128.
+            b.covered = uint128(covered);
+            stake -= uint128(covered);
+            nodes.cover(node, uint128(covered));
+        }
+        if (pending * slashBps > uint256(stake) * _BPS) revert UsageSettlementStakeTooLow(node, stake, pending);
     }
 
     /// @notice Finalizes a batch whose challenge window has passed: credits each (adapter, version) with
-    /// its revenue, the node with its fee and the treasury with the protocol's share (all minus nothing
-    /// else), and moves the batch's locked funds here. Callable by anyone.
+    /// its revenue, the node with its fee and the treasury with the protocol's share, and moves the
+    /// batch's collected funds here. Callable by anyone.
     function finalizeBatch(uint256 batchId, BatchTotals calldata totals) external nonReentrant {
         Batch storage b = _pending(batchId, totals);
         uint256 endsAt = uint256(b.committedAt) + challengeWindow;
         if (block.timestamp < endsAt) revert UsageSettlementChallengeWindowOpen(batchId, endsAt);
         b.status = Status.Finalized;
+        uint256 payerSum = b.payerSum;
+        _pendingCharges[b.node] -= payerSum;
 
         uint256 adapterRevenue = 0;
         AdapterTotal[] calldata entries = totals.adapters;
@@ -281,14 +346,13 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
             _revenue[entries[i].adapterId][entries[i].termsVersion].earned += uint128(net);
             adapterRevenue += net;
         }
-        uint256 payerSum = b.payerSum;
         uint256 nodeGross = payerSum - b.adapterSum;
         uint256 nodeFee = nodeGross - (nodeGross * protocolFeeBps) / _BPS;
         uint256 protocolFee = payerSum - adapterRevenue - nodeFee;
         _claimable[b.node] += nodeFee;
         _claimable[treasury] += protocolFee;
         emit BatchFinalized(batchId, adapterRevenue, nodeFee, protocolFee);
-        escrow.settle(payerSum);
+        escrow.settle(payerSum - b.covered);
     }
 
     /// @notice Moves the finalized, undistributed revenue of an (adapter, version) to its contributors'
@@ -321,9 +385,20 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
 
     // ------------------------------------------------------------------ fraud proofs
 
-    /// @notice Proves a leaf breaks a record rule (see {checkLeaf}): wrong node, record not matching its
-    /// request, payer signature not by the payer or an authorised signer (or high-s), served outside its
-    /// deadline window, above its caps, or not priced by the terms in force when served.
+    /// @notice Commits to a fraud proof before sending it: `commitment` is
+    /// `keccak256(abi.encode(challenger, keccak256(proofCalldata)))`. A proof sent by `challenger` in a later
+    /// block earns the challenger reward; a proof without an earlier commitment still voids the batch, but
+    /// its reward goes to the treasury, so copying someone's pending proof earns nothing.
+    function commitChallenge(bytes32 commitment) external {
+        if (_challengeCommits[commitment] != 0) revert UsageSettlementChallengeAlreadyCommitted(commitment);
+        _challengeCommits[commitment] = block.number;
+        emit ChallengeCommitted(msg.sender, commitment, block.number);
+    }
+
+    /// @notice Proves a leaf breaks a record rule (see {checkLeaf}), judged at the batch's commit time:
+    /// wrong node, record not matching its request, payer signature invalid or by a key not valid at
+    /// commit, served or committed outside its deadline window, above its caps or with a malformed
+    /// interval, or not priced by the terms in force when served.
     function proveInvalidRecord(uint256 batchId, BatchTotals calldata totals, Tree tree, LeafProof calldata proof)
         external
         nonReentrant
@@ -376,8 +451,9 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         _void(batchId, b, totals, Fraud.SumMismatch);
     }
 
-    /// @notice Proves two adjacent leaves out of strict key order, or a record after an empty leaf.
-    /// Strict order in the payer tree also makes a nonce used twice in one batch provable here.
+    /// @notice Proves two adjacent leaves out of strict key order, a record after an empty leaf, or (payer
+    /// tree) two adjacent records of one payer whose charge intervals overlap. Since the payer tree is
+    /// sorted by interval end, any overlap inside a batch shows up between two neighbours.
     function proveMisorder(
         uint256 batchId,
         BatchTotals calldata totals,
@@ -390,9 +466,15 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         _verifyLeaf(b, tree, first);
         _verifyLeaf(b, tree, second);
         bool misordered;
-        if (second.empty) misordered = false;
-        else if (first.empty) misordered = true;
-        else misordered = !_less(tree, first.leaf, second.leaf);
+        if (second.empty) {
+            misordered = false;
+        } else if (first.empty) {
+            misordered = true;
+        } else {
+            misordered = !_less(tree, first.leaf, second.leaf)
+                || (tree == Tree.Payer && first.leaf.request.payer == second.leaf.request.payer
+                    && UsageTypes.overlaps(first.leaf.request, second.leaf.request));
+        }
         if (!misordered) revert UsageSettlementOrderCorrect(first.index, second.index);
         _void(batchId, b, totals, Fraud.Misordered);
     }
@@ -449,8 +531,10 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         _void(batchId, b, totals, Fraud.MissingRecord);
     }
 
-    /// @notice Proves the same (payer, nonce) served twice by one node: a leaf of this batch and another
-    /// leaf of this or another (pending or finalized) batch of the same node, both in payer trees.
+    /// @notice Proves one payer's charge interval used twice by one node: a payer-tree leaf of this batch
+    /// and one of another (pending or finalized) batch of the same node (or another leaf of this one) whose
+    /// intervals `(cumulativeCap - maxCharge, cumulativeCap]` overlap. An honest node refuses a request whose
+    /// interval overlaps one it has served, so only a node that served both can be caught by this.
     function proveDuplicate(
         uint256 batchId,
         BatchTotals calldata totals,
@@ -469,8 +553,8 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         _verifyLeaf(ob, Tree.Payer, other);
         InferenceRequest calldata r1 = proof.leaf.request;
         InferenceRequest calldata r2 = other.leaf.request;
-        if (r1.payer != r2.payer || r1.nonce != r2.nonce) revert UsageSettlementNotDuplicate(r1.payer, r1.nonce);
-        _void(batchId, b, totals, Fraud.DuplicateNonce);
+        if (r1.payer != r2.payer || !UsageTypes.overlaps(r1, r2)) revert UsageSettlementNoOverlap(r1.payer, r2.payer);
+        _void(batchId, b, totals, Fraud.Overlap);
     }
 
     // ------------------------------------------------------------------ views
@@ -494,6 +578,21 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     function undistributedOf(uint64 adapterId, uint32 version) external view returns (uint256) {
         Revenue storage revenue = _revenue[adapterId][version];
         return revenue.earned - revenue.distributed;
+    }
+
+    /// @notice Charges of `node`'s pending batches.
+    function pendingChargesOf(address node) external view returns (uint256) {
+        return _pendingCharges[node];
+    }
+
+    /// @notice The part of `payer`'s charge in a batch that the node's stake covered.
+    function deficitOf(uint256 batchId, address payer) external view returns (uint256) {
+        return _deficits[batchId][payer];
+    }
+
+    /// @notice Block in which a challenge commitment was made (0 if none).
+    function challengeCommittedAt(bytes32 commitment) external view returns (uint256) {
+        return _challengeCommits[commitment];
     }
 
     /// @notice EIP-712 struct hash of a request.
@@ -537,24 +636,98 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
 
     // ------------------------------------------------------------------ internals
 
-    function _sumPayers(PayerTotal[] calldata entries) private pure returns (uint256 sum) {
-        address previous = address(0);
+    /// @dev Commit-time checks of the batch's shape and totals: a bounded number of entries (so finalize
+    /// and void always fit in a block), strictly sorted, every amount > 0, sums equal to the roots' sums.
+    function _checkShape(Commitment calldata c, BatchTotals calldata totals, uint256 voucherCount) private view {
+        if (c.count == 0 || c.depth > _MAX_DEPTH || c.count > (uint256(1) << c.depth)) {
+            revert UsageSettlementBadShape(c.count, c.depth);
+        }
+        PayerTotal[] calldata payers = totals.payers;
+        if (payers.length == 0 || payers.length > maxPayersPerBatch || voucherCount != payers.length) {
+            revert UsageSettlementBadPayerCount(payers.length, voucherCount, maxPayersPerBatch);
+        }
+        AdapterTotal[] calldata entries = totals.adapters;
+        if (entries.length > maxAdapterEntriesPerBatch) {
+            revert UsageSettlementTooManyAdapterEntries(entries.length, maxAdapterEntriesPerBatch);
+        }
+        uint256 payerSum = 0;
+        address previousPayer = address(0);
+        for (uint256 i = 0; i < payers.length; ++i) {
+            if (payers[i].payer <= previousPayer) revert UsageSettlementPayersNotSorted(i);
+            if (payers[i].amount == 0) revert UsageSettlementZeroAmount(Tree.Payer, i);
+            previousPayer = payers[i].payer;
+            payerSum += payers[i].amount;
+        }
+        if (payerSum != c.payerSum) revert UsageSettlementSumMismatch(Tree.Payer, payerSum, c.payerSum);
+        uint256 adapterSum = 0;
+        uint256 previousKey = 0;
         for (uint256 i = 0; i < entries.length; ++i) {
-            if (entries[i].payer <= previous) revert UsageSettlementPayersNotSorted(i);
-            previous = entries[i].payer;
-            sum += entries[i].amount;
+            if (entries[i].adapterId == 0) revert UsageSettlementBaseModelEntry(i);
+            uint256 key = (uint256(entries[i].adapterId) << 32) | entries[i].termsVersion;
+            if (key <= previousKey) revert UsageSettlementAdaptersNotSorted(i);
+            if (entries[i].amount == 0) revert UsageSettlementZeroAmount(Tree.Adapter, i);
+            previousKey = key;
+            adapterSum += entries[i].amount;
+        }
+        if (adapterSum != c.adapterSum) revert UsageSettlementSumMismatch(Tree.Adapter, adapterSum, c.adapterSum);
+        if (adapterSum > payerSum) revert UsageSettlementAdapterSumTooHigh(adapterSum, payerSum);
+    }
+
+    /// @dev Stores a new pending batch's header and announces it.
+    function _store(address node, Commitment calldata c, BatchTotals calldata totals)
+        private
+        returns (uint256 batchId, Batch storage b)
+    {
+        batchId = ++_batchCount;
+        b = _batches[batchId];
+        b.node = node;
+        b.committedAt = uint64(block.timestamp);
+        b.depth = c.depth;
+        b.status = Status.Pending;
+        b.payerRoot = c.payerRoot;
+        b.adapterRoot = c.adapterRoot;
+        b.payerSum = c.payerSum;
+        b.adapterSum = c.adapterSum;
+        b.totalsHash = keccak256(abi.encode(totals));
+        emit BatchCommitted(batchId, node, c.payerRoot, c.adapterRoot, c.payerSum, c.adapterSum, c.count, c.depth, c.cid);
+    }
+
+    /// @dev Collects each payer's charge from its escrow account for `node` within its voucher's cumulative
+    /// cap; records and returns the shortfall the node's stake must cover.
+    function _collect(uint256 batchId, address node, PayerTotal[] calldata payers, Voucher[] calldata vouchers)
+        private
+        returns (uint256 covered)
+    {
+        for (uint256 i = 0; i < payers.length; ++i) {
+            (address payer, uint128 amount) = (payers[i].payer, payers[i].amount);
+            uint128 taken = escrow.collect(payer, node, amount, vouchers[i].request.cumulativeCap);
+            if (taken < amount) {
+                // taken < amount: no underflow; the sum is at most payerSum < 2^128.
+                unchecked {
+                    _deficits[batchId][payer] = amount - taken;
+                    covered += amount - taken;
+                }
+                emit PayerShort(batchId, payer, amount, amount - taken);
+            }
         }
     }
 
-    function _sumAdapters(AdapterTotal[] calldata entries) private pure returns (uint256 sum) {
-        uint256 previous = 0;
-        for (uint256 i = 0; i < entries.length; ++i) {
-            uint256 key = (uint256(entries[i].adapterId) << 32) | entries[i].termsVersion;
-            // Ids start at 1, so key 0 is below every valid entry.
-            if (key <= previous) revert UsageSettlementAdaptersNotSorted(i);
-            previous = key;
-            sum += entries[i].amount;
+    /// @dev Checks that `voucher` is a request `payer` (or a signer valid now) signed for `node`; the escrow
+    /// then holds what the node collected from the payer to its `cumulativeCap`.
+    function _checkVoucher(address node, uint256 index, address payer, Voucher calldata voucher) private view {
+        InferenceRequest calldata request = voucher.request;
+        if (request.payer != payer || request.node != node) {
+            revert UsageSettlementVoucherMismatch(index, request.payer, request.node);
         }
+        (address signer, ECDSA.RecoverError err,) =
+            ECDSA.tryRecover(_hashTypedDataV4(UsageTypes.hash(request)), voucher.v, voucher.r, voucher.s);
+        if (err != ECDSA.RecoverError.NoError || !_signerValid(payer, signer, uint64(block.timestamp))) {
+            revert UsageSettlementBadVoucherSignature(payer, signer);
+        }
+    }
+
+    function _signerValid(address payer, address signer, uint64 t) private view returns (bool) {
+        return signer == payer || escrow.signerValidAt(payer, signer, t);
     }
 
     function _pending(uint256 batchId, BatchTotals calldata totals) private view returns (Batch storage b) {
@@ -571,17 +744,52 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         if (block.timestamp >= endsAt) revert UsageSettlementChallengeWindowClosed(batchId, endsAt);
     }
 
-    /// @dev Voids a pending batch: refund its payers, slash the node, reward the challenger.
+    /// @dev Who gets the challenger reward of the proof in this call: its sender if it committed to this
+    /// exact calldata in an earlier block ({commitChallenge}), otherwise the treasury.
+    function _rewarded() private returns (address) {
+        bytes32 commitment = keccak256(abi.encode(msg.sender, keccak256(msg.data)));
+        uint256 at = _challengeCommits[commitment];
+        if (at == 0 || at >= block.number) return treasury;
+        delete _challengeCommits[commitment];
+        return msg.sender;
+    }
+
+    /// @dev Voids a pending batch: give the cap capacity back, refund what each payer's escrow paid, return
+    /// what the node's stake covered, slash the node in proportion to the batch's charges, reward the
+    /// challenger (or the treasury).
     function _void(uint256 batchId, Batch storage b, BatchTotals calldata totals, Fraud reason) private {
         b.status = Status.Voided;
         address node = b.node;
-        uint256 slashed = (nodes.slashableOf(node) * slashBps) / _BPS;
-        uint256 reward = (slashed * challengerRewardBps) / _BPS;
-        _claimable[msg.sender] += reward;
-        _claimable[treasury] += slashed - reward;
-        emit BatchVoided(batchId, msg.sender, reason, slashed, reward);
-        escrow.refund(totals.payers);
-        nodes.slash(node, slashed);
+        uint128 covered = b.covered;
+        _pendingCharges[node] -= b.payerSum;
+        uint256 slash = _slashFor(node, b.payerSum, covered);
+        uint256 reward = (slash * challengerRewardBps) / _BPS;
+        address rewarded = _rewarded();
+        _claimable[rewarded] += reward;
+        _claimable[treasury] += slash - reward;
+        emit BatchVoided(batchId, msg.sender, rewarded, reason, slash, reward);
+
+        PayerTotal[] calldata payers = totals.payers;
+        for (uint256 i = 0; i < payers.length; ++i) {
+            uint128 amount = payers[i].amount;
+            // A deficit is at most the payer's charge (and there is none when nothing was covered).
+            uint128 taken = covered > 0 ? amount - uint128(_deficits[batchId][payers[i].payer]) : amount;
+            escrow.refund(payers[i].payer, node, amount, taken);
+        }
+        if (covered > 0) {
+            token.safeTransfer(address(nodes), covered);
+            nodes.returnCover(node, covered);
+        }
+        nodes.slash(node, slash);
+    }
+
+    /// @dev `slashBps` of the batch's charges, at least `minSlash`, at most what the node has at stake
+    /// (its stake, its unbonding stake and the cover the void returns to it).
+    function _slashFor(address node, uint256 payerSum, uint256 covered) private view returns (uint256 slash) {
+        slash = (payerSum * slashBps) / _BPS;
+        if (slash < minSlash) slash = minSlash;
+        uint256 slashable = nodes.slashableOf(node) + covered;
+        if (slash > slashable) slash = slashable;
     }
 
     function _recordFraud(address node, uint64 committedAt, Leaf calldata leaf) private view returns (Fraud) {
@@ -591,26 +799,40 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         bytes32 digest = _hashTypedDataV4(UsageTypes.hash(request));
         if (record.requestDigest != digest) return Fraud.RecordMismatch;
         (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(digest, leaf.v, leaf.r, leaf.s);
-        if (err != ECDSA.RecoverError.NoError || !escrow.isAuthorized(request.payer, signer, record.servedAt)) {
+        if (err != ECDSA.RecoverError.NoError || !_signerValid(request.payer, signer, committedAt)) {
             return Fraud.BadSignature;
         }
         if (
             record.servedAt > request.deadline || uint256(record.servedAt) + maxRequestTtl < request.deadline
-                || record.servedAt > committedAt
+                || record.servedAt > committedAt || committedAt > uint256(request.deadline) + maxCommitDelay
         ) return Fraud.OutsideDeadline;
-        if (record.outputTokens > request.maxTokens || record.charge > request.maxCharge) return Fraud.OverCap;
-        if (!_pricedRight(node, request.adapterId, record)) return Fraud.WrongPrice;
+        if (
+            record.outputTokens > request.maxTokens || record.charge > request.maxCharge || request.maxCharge == 0
+                || request.cumulativeCap < request.maxCharge
+        ) return Fraud.OverCap;
+        if (!_pricedRight(node, request, record)) return Fraud.WrongPrice;
         return Fraud.None;
     }
 
-    function _pricedRight(address node, uint64 adapterId, UsageRecord calldata record) private view returns (bool) {
-        (bool found, uint32 version, bool retired, uint96 priceIn, uint96 priceOut) =
-            adapters.versionAt(adapterId, record.servedAt);
-        if (!found || retired || version != record.termsVersion) return false;
-        uint256 adapterAmount = uint256(priceIn) * record.inputTokens + uint256(priceOut) * record.outputTokens;
+    /// @dev Adapter amount and charge recomputed from the terms and the node fee in force at `servedAt`,
+    /// with the payer-signed input token count. Adapter id 0 is the base model: no adapter revenue.
+    function _pricedRight(address node, InferenceRequest calldata request, UsageRecord calldata record)
+        private
+        view
+        returns (bool)
+    {
+        uint256 adapterAmount = 0;
+        if (request.adapterId == 0) {
+            if (record.termsVersion != 0) return false;
+        } else {
+            (bool found, uint32 version, bool retired, uint96 priceIn, uint96 priceOut) =
+                adapters.versionAt(request.adapterId, record.servedAt);
+            if (!found || retired || version != record.termsVersion) return false;
+            adapterAmount = uint256(priceIn) * request.inputTokens + uint256(priceOut) * record.outputTokens;
+        }
         if (record.adapterAmount != adapterAmount) return false;
         (bool feeFound, uint96 feePerToken) = nodes.feeAt(node, record.servedAt);
-        uint256 tokens = uint256(record.inputTokens) + record.outputTokens;
+        uint256 tokens = uint256(request.inputTokens) + record.outputTokens;
         return feeFound && record.charge == adapterAmount + uint256(feePerToken) * tokens;
     }
 
@@ -640,15 +862,13 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         if (position > width) revert UsageSettlementBadBoundary(position);
         if (position > 0) {
             _checkBoundaryLeaf(b, tree, boundary.before, position - 1);
-            (uint256 hi,) = _key(tree, boundary.before.leaf);
-            if (hi >= threshold) revert UsageSettlementBadBoundary(position);
+            if (_group(tree, boundary.before.leaf) >= threshold) revert UsageSettlementBadBoundary(position);
         }
         if (position == width) return tree == Tree.Payer ? b.payerSum : b.adapterSum;
         if (boundary.at.index != position) revert UsageSettlementBadBoundary(position);
         prefixSum = _verifyLeaf(b, tree, boundary.at);
-        if (!boundary.at.empty) {
-            (uint256 hi,) = _key(tree, boundary.at.leaf);
-            if (hi < threshold) revert UsageSettlementBadBoundary(position);
+        if (!boundary.at.empty && _group(tree, boundary.at.leaf) < threshold) {
+            revert UsageSettlementBadBoundary(position);
         }
     }
 
@@ -716,14 +936,18 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         return tree == Tree.Payer ? leaf.record.charge : leaf.record.adapterAmount;
     }
 
-    function _key(Tree tree, Leaf calldata leaf) private pure returns (uint256 hi, uint256 lo) {
-        return tree == Tree.Payer ? UsageTypes.payerKey(leaf) : UsageTypes.adapterKey(leaf);
+    /// @dev The range a leaf belongs to in `tree`: its payer, or `adapterId << 32 | termsVersion`.
+    function _group(Tree tree, Leaf calldata leaf) private pure returns (uint256) {
+        return tree == Tree.Payer
+            ? uint160(leaf.request.payer)
+            : (uint256(leaf.request.adapterId) << 32) | leaf.record.termsVersion;
     }
 
-    /// @dev Strict lexicographic order of the two leaves' keys in `tree`.
+    /// @dev Strict lexicographic order of the two leaves' keys in `tree`: (group, payer, cumulativeCap).
     function _less(Tree tree, Leaf calldata a, Leaf calldata b) private pure returns (bool) {
-        (uint256 aHi, uint256 aLo) = _key(tree, a);
-        (uint256 bHi, uint256 bLo) = _key(tree, b);
-        return aHi < bHi || (aHi == bHi && aLo < bLo);
+        (uint256 ga, uint256 gb) = (_group(tree, a), _group(tree, b));
+        if (ga != gb) return ga < gb;
+        if (a.request.payer != b.request.payer) return a.request.payer < b.request.payer;
+        return a.request.cumulativeCap < b.request.cumulativeCap;
     }
 }

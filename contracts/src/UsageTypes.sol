@@ -3,23 +3,28 @@ pragma solidity 0.8.30;
 
 /// @notice What a payer (or a signer it authorised) signs to buy one inference (EIP-712 type).
 /// `node` and `promptHash` bind the request to one node and one prompt, so it cannot be replayed elsewhere.
+/// `inputTokens` is counted by the client (the base model's tokenizer and chat template) and signed, so
+/// the node cannot bill more. The request authorises the charge interval
+/// `(cumulativeCap - maxCharge, cumulativeCap]`: `cumulativeCap` is the running total of the caps the payer
+/// has signed for this node, and two requests of one payer for one node conflict iff their intervals overlap.
 struct InferenceRequest {
     address payer;
     address node;
     uint64 adapterId;
     bytes32 promptHash;
+    uint32 inputTokens;
     uint32 maxTokens;
     uint128 maxCharge;
-    uint64 nonce;
+    uint128 cumulativeCap;
     uint64 deadline;
 }
 
 /// @notice What a node signs for each answer (EIP-712 type). `requestDigest` is the EIP-712 digest of the
-/// request; payer and adapter are read from the request it names. `charge = adapterAmount + node fee`.
+/// request; payer, adapter and input tokens are read from the request it names.
+/// `charge = adapterAmount + nodeFeePerToken(servedAt) * (inputTokens + outputTokens)`.
 struct UsageRecord {
     bytes32 requestDigest;
     uint32 termsVersion;
-    uint32 inputTokens;
     uint32 outputTokens;
     uint128 adapterAmount;
     uint128 charge;
@@ -35,6 +40,15 @@ struct Leaf {
     bytes32 r;
     bytes32 s;
     UsageRecord record;
+}
+
+/// @notice A signed request shown at commit as a payer's spending authorisation: its `cumulativeCap`
+/// bounds everything the node has ever collected from that payer.
+struct Voucher {
+    InferenceRequest request;
+    uint8 v;
+    bytes32 r;
+    bytes32 s;
 }
 
 /// @notice A Merkle-sum tree node. Internal node hash: keccak256(abi.encode(left.hash, left.sum,
@@ -64,14 +78,14 @@ struct BatchTotals {
 }
 
 /// @title UsageTypes
-/// @notice EIP-712 type hashes and struct hashes of the signed types, the leaf hash, and the sort keys of
-/// the two batch trees. The type strings must equal `attribution/eip712.py` character for character.
+/// @notice EIP-712 type hashes and struct hashes of the signed types, the leaf hash, and the overlap rule
+/// of charge intervals. The type strings must equal `attribution/types.py` character for character.
 library UsageTypes {
     bytes32 internal constant INFERENCE_REQUEST_TYPEHASH = keccak256(
-        "InferenceRequest(address payer,address node,uint64 adapterId,bytes32 promptHash,uint32 maxTokens,uint128 maxCharge,uint64 nonce,uint64 deadline)"
+        "InferenceRequest(address payer,address node,uint64 adapterId,bytes32 promptHash,uint32 inputTokens,uint32 maxTokens,uint128 maxCharge,uint128 cumulativeCap,uint64 deadline)"
     );
     bytes32 internal constant USAGE_RECORD_TYPEHASH = keccak256(
-        "UsageRecord(bytes32 requestDigest,uint32 termsVersion,uint32 inputTokens,uint32 outputTokens,uint128 adapterAmount,uint128 charge,bytes32 responseHash,uint64 servedAt)"
+        "UsageRecord(bytes32 requestDigest,uint32 termsVersion,uint32 outputTokens,uint128 adapterAmount,uint128 charge,bytes32 responseHash,uint64 servedAt)"
     );
 
     /// @notice EIP-712 struct hash of a request: all members are static, so this is one abi.encode.
@@ -89,15 +103,10 @@ library UsageTypes {
         return keccak256(bytes.concat(keccak256(abi.encode(leaf))));
     }
 
-    /// @notice Sort key of a leaf in the payer tree: (payer, nonce). `hi` is the payer group.
-    function payerKey(Leaf calldata leaf) internal pure returns (uint256 hi, uint256 lo) {
-        return (uint160(leaf.request.payer), leaf.request.nonce);
-    }
-
-    /// @notice Sort key of a leaf in the adapter tree: (adapterId, termsVersion, payer, nonce).
-    /// `hi` is the (adapter, version) group.
-    function adapterKey(Leaf calldata leaf) internal pure returns (uint256 hi, uint256 lo) {
-        hi = (uint256(leaf.request.adapterId) << 32) | leaf.record.termsVersion;
-        lo = (uint256(uint160(leaf.request.payer)) << 64) | leaf.request.nonce;
+    /// @notice Whether the charge intervals `(cap - maxCharge, cap]` of two requests overlap (the same
+    /// interval counts). Written without subtraction, so a malformed interval cannot underflow.
+    function overlaps(InferenceRequest calldata a, InferenceRequest calldata b) internal pure returns (bool) {
+        return uint256(a.cumulativeCap) < uint256(b.cumulativeCap) + a.maxCharge
+            && uint256(b.cumulativeCap) < uint256(a.cumulativeCap) + b.maxCharge;
     }
 }

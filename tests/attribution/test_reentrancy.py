@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from eth_account.signers.local import LocalAccount
 
+from attribution.aggregation import build_batch
 from attribution.artifacts import load_artifact
-from attribution.batch import build_batch
 from attribution.chain import Chain
 from attribution.deploy import Contracts, deploy_contracts
 from attribution.errors import ContractRevert
@@ -51,14 +51,15 @@ async def hook_world(world: World) -> tuple[Contracts, Attacker]:
 async def test_reentrant_escrow_withdraw(world: World) -> None:
     c, attacker = await hook_world(world)
     await c.token.approve(world.payer_a, c.escrow.address, 2**256 - 1)
-    await c.escrow.deposit(world.payer_a, 50 * E18)  # someone else's money in the escrow
+    node = world.node.address
+    await c.escrow.deposit(world.payer_a, node, 50 * E18)  # someone else's money in the escrow
     tf, ef = c.token.contract.functions, c.escrow.contract.functions
     await attacker.execute(c.token, tf.approve(c.escrow.address, 2**256 - 1))
-    await attacker.execute(c.escrow, ef.deposit(10 * E18))
-    await attacker.execute(c.escrow, ef.requestWithdrawal(10 * E18))
+    await attacker.execute(c.escrow, ef.deposit(node, 10 * E18))
+    await attacker.execute(c.escrow, ef.requestWithdrawal(node, 10 * E18))
     await world.chain.increase_time(CONFIG.thaw_period)
-    await attacker.arm(c.escrow, ef.withdraw(attacker.address))
-    await attacker.execute(c.escrow, ef.withdraw(attacker.address))
+    await attacker.arm(c.escrow, ef.withdraw(node))
+    await attacker.execute(c.escrow, ef.withdraw(node))
     attempts, successes, error = await attacker.report()
     assert attempts == 1 and successes == 0 and error.hex().startswith(REENTRANT[2:])
     assert await c.token.balance_of(attacker.address) == 100_000 * E18
@@ -87,7 +88,7 @@ async def test_reentrant_claim(world: World) -> None:
     await c.token.approve(world.node, c.nodes.address, 2**256 - 1)
     await c.nodes.register(world.node, world.node_signer.address, "http://node", 10**9, 1_000 * E18)
     await c.token.approve(world.payer_a, c.escrow.address, 2**256 - 1)
-    await c.escrow.deposit(world.payer_a, 100 * E18)
+    await c.escrow.deposit(world.payer_a, world.node.address, 100 * E18)
     await c.adapters.register(world.owner, "bafy-evil", bytes(32), 10**12, 10**12, [attacker.address], [10_000])
     await world.chain.increase_time(10)
     world.c = c  # sign leaves for this deployment's settlement

@@ -6,7 +6,7 @@ from __future__ import annotations
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from attribution.batch import build_batch
+from attribution.aggregation import build_batch
 from tests.attribution.helpers import CONFIG, DEPOSIT, NODE_FEE, NODE_STAKE, PRICES, World, reverts
 
 E18 = 10**18
@@ -136,8 +136,6 @@ async def test_node_reverts(world: World) -> None:
         await n.unbond(world.node, NODE_STAKE + 1)
     with reverts("NodeRegistryNothingUnbonding"):
         await n.withdraw_unbonded(world.node)
-    with reverts("NodeRegistryNotSettlement"):
-        await world.chain.transact(s, n.contract.functions.slash(world.node.address, 1))
 
 
 async def test_unbonding_delay_and_inactivity(world: World) -> None:
@@ -148,7 +146,7 @@ async def test_unbonding_delay_and_inactivity(world: World) -> None:
     assert end == await world.chain.timestamp() + CONFIG.unbonding_delay
     assert not await n.is_active(node.address)  # below the minimum stake: cannot commit
     with reverts("UsageSettlementNodeInactive"):
-        await world.c.settlement.commit_batch(node, node.address, build_batch([await world.leaf(world.payer_a)]), "x")
+        await world.commit(build_batch([await world.leaf(world.payer_a)]), sender=node)
     with reverts("NodeRegistryStillUnbonding"):
         await n.withdraw_unbonded(node)
     await world.chain.increase_time(CONFIG.unbonding_delay)
@@ -157,12 +155,18 @@ async def test_unbonding_delay_and_inactivity(world: World) -> None:
 
 
 async def test_escrow_deposits(world: World) -> None:
-    e, payer = world.c.escrow, world.payer_a
-    await e.deposit(payer, 5)
-    await e.deposit_for(world.payer_b, world.payer_a.address, 6)
-    assert (await e.account_of(payer.address)).balance == DEPOSIT + 11
+    e, payer, node = world.c.escrow, world.payer_a, world.node.address
+    await e.deposit(payer, node, 5)
+    await e.deposit_for(world.payer_b, world.payer_a.address, node, 6)
+    assert (await e.account_of(payer.address, node)).balance == DEPOSIT + 11
+    # Accounts are per (payer, node): a deposit for another node is not this node's.
+    await e.deposit(payer, world.stranger.address, 7)
+    assert (await e.account_of(payer.address, world.stranger.address)).balance == 7
+    assert (await e.account_of(payer.address, node)).balance == DEPOSIT + 11
     with reverts("PaymentEscrowZeroAmount"):
-        await e.deposit(payer, 0)
+        await e.deposit(payer, node, 0)
+    with reverts("PaymentEscrowZeroNode"):
+        await e.deposit(payer, "0x" + "00" * 20, 1)
     # EIP-2612 permit: no approve needed.
     s, token = world.stranger, world.c.token
     deadline = await world.chain.timestamp() + 3600
@@ -181,49 +185,63 @@ async def test_escrow_deposits(world: World) -> None:
                     "nonce": await token.nonces(s.address), "deadline": deadline},
     }
     signed = Account.sign_message(encode_typed_data(full_message=permit), s.key)
-    await e.deposit_with_permit(s, 10 * E18, deadline, signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big"))
-    assert (await e.account_of(s.address)).balance == 10 * E18
+    await e.deposit_with_permit(s, node, 10 * E18, deadline, signed.v, signed.r.to_bytes(32, "big"),
+                                signed.s.to_bytes(32, "big"))
+    assert (await e.account_of(s.address, node)).balance == 10 * E18
 
 
 async def test_escrow_thaw_and_withdraw(world: World) -> None:
-    e, payer = world.c.escrow, world.payer_a
+    e, payer, node = world.c.escrow, world.payer_a, world.node.address
     with reverts("PaymentEscrowNothingThawing"):
-        await e.withdraw(payer)
-    with reverts("PaymentEscrowZeroAmount"):
-        await e.request_withdrawal(payer, 0)
+        await e.withdraw(payer, node)
     with reverts("PaymentEscrowInsufficientBalance"):
-        await e.request_withdrawal(payer, DEPOSIT + 1)
-    await e.request_withdrawal(payer, 100)
-    account = await e.account_of(payer.address)
-    assert (account.balance, account.thawing) == (DEPOSIT - 100, 100)
+        await e.request_withdrawal(payer, node, DEPOSIT + 1)
+    await e.request_withdrawal(payer, node, 100)
+    account = await e.account_of(payer.address, node)
+    assert (account.balance, account.thawing, account.available) == (DEPOSIT, 100, DEPOSIT - 100)
     assert account.thaw_end == await world.chain.timestamp() + CONFIG.thaw_period
+    # A new announcement replaces the old one and restarts the thaw; 0 cancels.
+    await e.request_withdrawal(payer, node, 0)
+    assert await e.account_of(payer.address, node) == type(account)(DEPOSIT, 0, 0)
+    with reverts("PaymentEscrowNothingThawing"):
+        await e.withdraw(payer, node)
+    await e.request_withdrawal(payer, node, 100)
     with reverts("PaymentEscrowStillThawing"):
-        await e.withdraw(payer)
+        await e.withdraw(payer, node)
     await world.chain.increase_time(CONFIG.thaw_period - 5)
     with reverts("PaymentEscrowStillThawing"):
-        await e.withdraw(payer)
+        await e.withdraw(payer, node)
     await world.chain.increase_time(5)
-    before = await world.c.token.balance_of(world.stranger.address)
-    await e.withdraw(payer, world.stranger.address)
-    assert await world.c.token.balance_of(world.stranger.address) == before + 100
+    before = await world.c.token.balance_of(payer.address)
+    receipt = await e.withdraw(payer, node)
+    assert e.events(receipt, "Withdrawn")[0]["amount"] == 100
+    assert await world.c.token.balance_of(payer.address) == before + 100
+    assert await e.account_of(payer.address, node) == type(account)(DEPOSIT - 100, 0, 0)
 
 
-async def test_thawing_funds_stay_chargeable(world: World) -> None:
-    e, payer = world.c.escrow, world.payer_a
-    await e.request_withdrawal(payer, DEPOSIT)  # everything thawing
+async def test_thawing_funds_stay_collectable(world: World) -> None:
+    e, payer, node = world.c.escrow, world.payer_a, world.node.address
+    await e.request_withdrawal(payer, node, DEPOSIT)  # everything thawing
     leaf = await world.leaf(payer)
-    await world.c.settlement.commit_batch(world.node, world.node.address, build_batch([leaf]), "x")
-    account = await e.account_of(payer.address)
-    assert (account.balance, account.thawing) == (0, DEPOSIT - leaf.record.charge)
+    await world.commit(build_batch([leaf]))
+    account = await e.account_of(payer.address, node)
+    # The thawing part shrinks with the balance: the withdrawal gets what is left.
+    assert (account.balance, account.thawing) == (DEPOSIT - leaf.record.charge, DEPOSIT - leaf.record.charge)
+    await world.chain.increase_time(CONFIG.thaw_period)
+    receipt = await e.withdraw(payer, node)
+    assert e.events(receipt, "Withdrawn")[0]["amount"] == DEPOSIT - leaf.record.charge
 
 
 async def test_escrow_signers(world: World) -> None:
     e, payer, signer = world.c.escrow, world.payer_b, world.stranger.address
     now = await world.chain.timestamp()
-    assert await e.is_authorized(payer.address, payer.address, 0)
-    assert not await e.is_authorized(payer.address, signer, now)
-    await e.authorize_signer(payer, signer)
-    assert await e.is_authorized(payer.address, signer, now + 1)
+    assert await e.signer_valid_at(payer.address, payer.address, 0)
+    assert not await e.signer_valid_at(payer.address, signer, now)
+    assert await e.signer_of(payer.address, signer) == (0, 0)
+    receipt = await e.authorize_signer(payer, signer)
+    since = e.events(receipt, "SignerAuthorized")[0]["since"]
+    assert not await e.signer_valid_at(payer.address, signer, since - 1)
+    assert await e.signer_valid_at(payer.address, signer, since)
     with reverts("PaymentEscrowSignerAlreadyAuthorized"):
         await e.authorize_signer(payer, signer)
     with reverts("PaymentEscrowZeroSigner"):
@@ -231,18 +249,23 @@ async def test_escrow_signers(world: World) -> None:
     receipt = await e.revoke_signer(payer, signer)
     until = e.events(receipt, "SignerRevoked")[0]["until"]
     assert until == await world.chain.timestamp() + CONFIG.notice_period
-    assert await e.is_authorized(payer.address, signer, until - 1)
-    assert not await e.is_authorized(payer.address, signer, until)
+    assert await e.signer_of(payer.address, signer) == (since, until)
+    assert await e.signer_valid_at(payer.address, signer, until - 1)
+    assert not await e.signer_valid_at(payer.address, signer, until)
     with reverts("PaymentEscrowSignerNotAuthorized"):
         await e.revoke_signer(payer, signer)
     with reverts("PaymentEscrowSignerAlreadyAuthorized"):  # a revoked signer stays revoked
         await e.authorize_signer(payer, signer)
 
 
-async def test_escrow_settlement_only(world: World) -> None:
-    f = world.c.escrow.contract.functions
-    for fn in (f.lock([(world.payer_a.address, 1)]), f.settle(1), f.refund([(world.payer_a.address, 1)])):
+async def test_escrow_and_registry_settlement_only(world: World) -> None:
+    f, n = world.c.escrow.contract.functions, world.c.nodes.contract.functions
+    a, node = world.payer_a.address, world.node.address
+    for fn in (f.collect(a, node, 1, 1), f.settle(1), f.refund(a, node, 1, 1)):
         with reverts("PaymentEscrowNotSettlement"):
+            await world.chain.transact(world.stranger, fn)
+    for fn in (n.slash(node, 1), n.cover(node, 1), n.returnCover(node, 1)):
+        with reverts("NodeRegistryNotSettlement"):
             await world.chain.transact(world.stranger, fn)
 
 

@@ -1,5 +1,5 @@
-"""The EIP-712 schema has one source of truth: the contract hashes random structs exactly like Python,
-Python signatures verify on chain, and high-s signatures are rejected on both sides."""
+"""The EIP-712 schema has one source of truth (`attribution.types`): the contracts spell the same type
+strings, hash random structs exactly like Python, recover Python's signatures, and reject high-s ones."""
 
 from __future__ import annotations
 
@@ -8,39 +8,31 @@ import re
 from pathlib import Path
 
 import pytest
-from eth_account import Account
-from eth_account.messages import encode_typed_data
+from eth_utils import to_checksum_address
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attribution import eip712
+from attribution import types
 from attribution.chain import Chain, UsageSettlementClient
-from attribution.eip712 import (
-    SECP256K1_N,
-    Domain,
-    InferenceRequest,
-    Signature,
-    UsageRecord,
-    recover,
-    sign_request,
-    sign_usage_record,
-    typed_data,
-)
 from attribution.errors import ContractRevert, SignatureError
+from attribution.signing import address_of, recover, sign_request
+from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature, UsageRecord
 
 SOURCE = Path(__file__).resolve().parents[2] / "contracts" / "src" / "UsageTypes.sol"
 
-addresses = st.binary(min_size=20, max_size=20).map(eip712.to_checksum_address)
+addresses = st.binary(min_size=20, max_size=20).map(to_checksum_address)
 uint = lambda bits: st.integers(min_value=0, max_value=(1 << bits) - 1)  # noqa: E731
 bytes32 = st.binary(min_size=32, max_size=32)
-requests = st.builds(InferenceRequest, addresses, addresses, uint(64), bytes32, uint(32), uint(128), uint(64), uint(64))
-records = st.builds(UsageRecord, bytes32, uint(32), uint(32), uint(32), uint(128), uint(128), bytes32, uint(64))
+requests = st.builds(
+    InferenceRequest, addresses, addresses, uint(64), bytes32, uint(32), uint(32), uint(128), uint(128), uint(64)
+)
+records = st.builds(UsageRecord, bytes32, uint(32), uint(32), uint(128), uint(128), bytes32, uint(64))
 keys = st.integers(min_value=1, max_value=SECP256K1_N - 1).map(lambda k: k.to_bytes(32, "big"))
 
 
 def test_type_strings_match_the_solidity_source() -> None:
     literals = re.findall(r'"((?:InferenceRequest|UsageRecord)\([^"]*\))"', SOURCE.read_text())
-    assert literals == [eip712.REQUEST_TYPE, eip712.RECORD_TYPE]
+    assert literals == [types.REQUEST_TYPE, types.RECORD_TYPE]
 
 
 @pytest.fixture
@@ -50,6 +42,13 @@ def settlement(anvil, fresh_chain):
         chain = runner.run(Chain.connect(anvil.rpc_url))
         yield runner, UsageSettlementClient(chain, fresh_chain.contracts["UsageSettlement"])
         runner.run(chain.close())
+
+
+def test_domain_is_version_2(settlement) -> None:
+    runner, s = settlement
+    domain = runner.run(s.contract.functions.eip712Domain().call())
+    assert (domain[1], domain[2], domain[3], domain[4]) == ("OpenLoRA", "2", s.chain.chain_id, s.address)
+    assert types.DOMAIN_VERSION == "2"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -64,14 +63,14 @@ def test_contract_digests_equal_python(settlement, request: InferenceRequest, re
     signature = sign_request(request, domain, key)
     assert signature.is_low_s
     signer = runner.run(s._call("recoverRequestSigner", request.as_tuple(), signature.v, signature.r, signature.s))
-    assert signer == eip712.address_of(key) == recover(request.digest(domain), signature)
+    assert signer == address_of(key) == recover(request.digest(domain), signature)
 
 
 def test_high_s_rejected_on_chain_and_in_python(settlement) -> None:
     runner, s = settlement
     domain = Domain(s.chain.chain_id, s.address)
     key = b"\x07" * 32
-    request = InferenceRequest(eip712.address_of(key), eip712.address_of(key), 1, bytes(32), 1, 1, 1, 1)
+    request = InferenceRequest(address_of(key), address_of(key), 1, bytes(32), 1, 1, 1, 1, 1)
     good = sign_request(request, domain, key)
     flipped = Signature(55 - good.v, good.r, (SECP256K1_N - int.from_bytes(good.s, "big")).to_bytes(32, "big"))
     assert not flipped.is_low_s
@@ -80,28 +79,3 @@ def test_high_s_rejected_on_chain_and_in_python(settlement) -> None:
     assert info.value.error == "ECDSAInvalidSignatureS"
     with pytest.raises(SignatureError):
         recover(request.digest(domain), flipped)
-
-
-@settings(max_examples=20, deadline=None)
-@given(request=requests, record=records, key=keys, chain_id=uint(64), contract=addresses)
-def test_digests_equal_eth_account(request, record, key, chain_id, contract) -> None:
-    domain = Domain(chain_id, contract)
-    for message in (request, record):
-        signable = encode_typed_data(full_message=typed_data(domain, message))
-        assert signable.header == domain.separator()
-        assert signable.body == message.struct_hash()
-    signature = sign_usage_record(record, domain, key)
-    expected = Account.sign_typed_data(key, full_message=typed_data(domain, record))
-    assert (signature.r, signature.s, signature.v) == (
-        expected.r.to_bytes(32, "big"), expected.s.to_bytes(32, "big"), expected.v)
-
-
-def test_encoding_rejects_out_of_range_values() -> None:
-    with pytest.raises(ValueError):
-        InferenceRequest("0x" + "11" * 20, "0x" + "22" * 20, 1 << 64, bytes(32), 0, 0, 0, 0).struct_hash()
-    with pytest.raises(ValueError):
-        UsageRecord(bytes(31), 0, 0, 0, 0, 0, bytes(32), 0).struct_hash()
-    with pytest.raises(SignatureError):
-        Signature.from_bytes(b"\x00" * 64)
-    with pytest.raises(SignatureError):
-        recover(bytes(32), Signature(27, bytes(32), bytes(32)))
