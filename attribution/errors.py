@@ -96,3 +96,57 @@ class NodeUnavailableError(ClientError, ConnectionError):
 
 class RecordError(ClientError, ValueError):
     """The node's usage record is missing or fails verification; the answer must not be trusted as billed."""
+
+
+class JournalError(AttributionError):
+    """The usage journal (`attribution.storage`) refused an operation or could not complete it."""
+
+
+class InvalidJournalInput(JournalError, ValueError):
+    """A usage entry, interval or transition argument is malformed."""
+
+
+class DuplicateEntry(JournalError, ValueError):
+    """An entry with this request digest is already in the journal."""
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        super().__init__(f"request 0x{digest.hex()} is already in the journal")
+
+
+class UnknownEntry(JournalError, LookupError):
+    """No entry has this request digest."""
+
+    def __init__(self, digests: list[bytes]) -> None:
+        self.digests = digests
+        shown = ", ".join(f"0x{d.hex()}" for d in digests[:3]) + (" ..." if len(digests) > 3 else "")
+        super().__init__(f"{len(digests)} request(s) not in the journal: {shown}")
+
+
+class IllegalTransition(JournalError, ValueError):
+    """A state change the journal's state machine does not allow; nothing of the call was applied."""
+
+    def __init__(self, digest: bytes, current: str, batch_id: int | None, target: str, target_batch: int | None):
+        self.digest, self.current, self.target = digest, current, target
+        here = current if batch_id is None else f"{current} in batch {batch_id}"
+        there = target if target_batch is None else f"{target} in batch {target_batch}"
+        super().__init__(f"request 0x{digest.hex()} is {here}: it cannot become {there}")
+
+
+class IntervalConflict(JournalError, ValueError):
+    """A request's interval overlaps one this node already accepted for the payer (HTTP 409)."""
+
+    def __init__(self, payer: str, requested: tuple[int, int], existing: tuple[int, int]) -> None:
+        self.payer, self.requested, self.existing = payer, requested, existing
+        super().__init__(
+            f"interval ({requested[0]}, {requested[1]}] of payer {payer} overlaps the accepted "
+            f"interval ({existing[0]}, {existing[1]}]"
+        )
+
+
+class JournalLocked(JournalError, RuntimeError):
+    """Another process (or another open journal) holds the journal file."""
+
+
+class JournalClosed(JournalError, RuntimeError):
+    """The journal was closed; nothing more is written."""
