@@ -1,11 +1,9 @@
-"""The native CPU kernel: add_lora in C (csrc/lora_cpu.c), compiled on first use and loaded with ctypes.
+"""The native CPU kernel: kernels.add_lora's semantics in C (csrc/lora_cpu.c), compiled on first
+use and loaded with ctypes. `kernels.dispatch` picks it for CPU fp32/bf16 tensors where it builds.
 
-    if kernels.cpu.available():
-        kernels.cpu.add_lora(y, x, A, B, scales, ranks, slice_offsets, meta)  # kernels.add_lora's semantics
-
-        w = kernels.cpu.LoraWeights(A, B, scales, ranks, slice_offsets)  # or: once per layer and group,
-        seg = kernels.cpu.LoraSegments(meta)                             # once per step,
-        kernels.cpu.apply(y, x, w, seg)                                  # and per call only this
+    w = kernels.cpu.LoraWeights(A, B, scales, ranks, slice_offsets)  # once per layer and group,
+    seg = kernels.cpu.LoraSegments(meta)                             # once per step,
+    kernels.cpu.apply(y, x, w, seg)                                  # and per call only this
 
 Why C and not torch ops: on a CPU every torch op of a layer pays its dispatch once the layer's
 weights have flushed the caches (30-70 us measured inside a decode step), and any dense torch
@@ -191,27 +189,6 @@ def apply(
         raise IndexError(f"a segment's slot is outside the {weights.S} slots of the weights")
     if rc != 0:
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
-
-
-def add_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    ranks: torch.Tensor,
-    slice_offsets: tuple[int, ...],
-    meta: LoraMeta,
-    *,
-    threads: int | None = None,
-) -> None:
-    """Semantics and shapes of kernels.add_lora (y updated in place), on CPU fp32/bf16 tensors.
-
-    Packs the arguments on every call; the engine packs weights once (LoraWeights) and segments
-    once per step (LoraSegments) and calls `apply`. threads: how many of torch's OpenMP threads
-    to use (default torch.get_num_threads()).
-    """
-    apply(y, x, LoraWeights(A, B, scales, ranks, tuple(slice_offsets)), LoraSegments(meta, threads))
 
 
 def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:

@@ -9,7 +9,7 @@ step (docs/kernels.md has the measurements behind each choice):
   `torch.bmm` per op, reading the weights of a dense slot range in place (a view, no copy).
 
 Accumulation is fp32 inside the matmuls; in half precision t is rounded to the weight dtype
-before the expand, as any half-precision GEMM does. add_lora keeps t in each path's own layout
+before the expand, as any half-precision GEMM does. shrink_expand keeps t in each path's own layout
 instead of scattering it into [T, n, R] and gathering it back.
 """
 
@@ -90,7 +90,7 @@ def lora_expand(
         _packed_expand(y, tp, B, packed, r, offsets)
 
 
-def add_lora(
+def shrink_expand(
     y: torch.Tensor,
     x: torch.Tensor,
     A: torch.Tensor,

@@ -52,6 +52,7 @@ MODELS = {
 }
 NUM_LAYERS = {"tiny": 2, "smollm2": 30, "llama2-7b": 32}
 NUM_SLOTS = 64
+NATIVE = kernels.BACKENDS["native"]
 
 
 @dataclass
@@ -132,7 +133,7 @@ def make_step(label, model, seq_lens, num_adapters, rank, pool_rank, dtype, devi
     if device.type == "cpu" and dtype in kernels.cpu.DTYPES and kernels.cpu.available():
         for g in groups:
             B_engine = g.B.transpose(1, 2).contiguous().transpose(1, 2)  # the engine's storage order
-            g.native = kernels.cpu.LoraWeights(g.A, B_engine, scales, ranks, g.offsets)
+            g.native = NATIVE.pack(g.A, B_engine, scales, ranks, g.offsets)
     meta = kernels.build_lora_meta(slots_d)
     return Step(
         label=label,
@@ -141,7 +142,7 @@ def make_step(label, model, seq_lens, num_adapters, rank, pool_rank, dtype, devi
         ranks=ranks,
         scales=scales,
         groups=groups,
-        segments=kernels.cpu.LoraSegments(meta) if groups[0].native is not None else None,
+        segments=NATIVE.segments(meta) if groups[0].native is not None else None,
         by_adapter=[(int(s), (slots == s).nonzero().squeeze(1).to(device)) for s in slots.unique()],
         lora_tokens=torch.arange(T, device=device),
     )
@@ -155,15 +156,15 @@ def run_base(step: Step) -> None:
         F.linear(g.x, g.W)
 
 
-def run_kernels(step: Step) -> None:
+def run_kernels(step: Step, backend: str) -> None:
     for g in step.groups:
-        kernels.add_lora(g.y, g.x, g.A, g.B, step.scales, step.ranks, g.offsets, step.meta)
+        kernels.add_lora(g.y, g.x, g.A, g.B, step.scales, step.ranks, g.offsets, step.meta, backend=backend)
 
 
 def run_native(step: Step) -> None:
     """The CPU engine's path: the C kernel, weights and segments packed beforehand."""
     for g in step.groups:
-        kernels.cpu.apply(g.y, g.x, g.native, step.segments)
+        NATIVE.apply(g.y, g.x, g.native, step.segments)
 
 
 def run_shrinks(step: Step) -> None:
@@ -308,7 +309,7 @@ def bench_cpu(args) -> None:
     results: dict[str, list[float]] = {"decode": [], "prefill": []}
     for kind, label, seq_lens, adapters, dense in cpu_scenarios(args.quick):
         step = make_step(label, model, seq_lens, adapters, rank, rank, dtype, device, dense=dense)
-        fns = [partial(run_base, step), partial(run_kernels, step), partial(run_loop, step)]
+        fns = [partial(run_base, step), partial(run_kernels, step, "reference"), partial(run_loop, step)]
         if native:
             fns.append(partial(run_native, step))
         if gather_bytes(step) < (1 << 30):
@@ -372,7 +373,7 @@ def bench_triton(args) -> None:
             step = make_step(label, model, seq_lens, adapters, rank, pool_rank, dtype, device)
             fns = [
                 partial(run_base, step),
-                partial(run_kernels, step),
+                partial(run_kernels, step, "triton"),
                 partial(run_shrinks, step),
                 partial(run_loop, step),
             ]

@@ -18,7 +18,7 @@ from node.adapters.peft_format import BaseModelShape
 from node.adapters.sources import AdapterSource, LocalAdapterSource
 from node.config import Settings
 from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
-from node.engine.lora import LoraSlotPool
+from node.engine.lora import LoraSlotPool, make_layout
 from node.engine.model import LlamaModel, ModelConfig
 from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
 from node.engine.runner import EngineRunner, set_threads
@@ -73,7 +73,7 @@ class AsyncEngine:
                 host_capacity=settings.host_adapters,
                 max_bytes=settings.max_adapter_bytes,
             )
-            pool = LoraSlotPool(model, settings.max_loras, settings.max_lora_rank)
+            pool = LoraSlotPool(make_layout(model, settings.max_loras, settings.max_lora_rank))
         runner = EngineRunner(
             model,
             tokenizer,

@@ -13,9 +13,12 @@ Rows are laid out decode first, then prefill chunks. Example with block_size 4: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
+
+P = TypeVar("P")
 
 
 @dataclass
@@ -25,6 +28,16 @@ class PrefillChunk:
     context_start: int  # tokens of this sequence already in the KV cache before this chunk
     context_slots: torch.Tensor | None = None  # [context_start + n] cache slots (when context_start > 0)
     mask: torch.Tensor | None = None  # [n, context_start + n] bool, True = attend
+
+
+@dataclass(frozen=True)
+class StepLora(Generic[P]):
+    """The step's LoRA work, prepared once by the slot pool and read by every projection: the
+    projection groups that any adapter of the step targets, and the weight layout's plan (its
+    type is the layout's: kernel segments for the stacked layout, coefficients for the fused)."""
+
+    groups: frozenset[str]
+    plan: P
 
 
 @dataclass
@@ -38,10 +51,8 @@ class StepBatch:
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor  # [S]
-    # Per-row adapter slot (-1 = base only), and whatever the LoRA path precomputes once per step.
-    lora_slots: torch.Tensor | None = None
-    lora_meta: object | None = None
-    extra: dict = field(default_factory=dict)
+    lora_slots: torch.Tensor | None = None  # [T] adapter slot per row, -1 = base only; None: no adapter
+    lora: StepLora[Any] | None = None  # set by the slot pool's prepare
 
     @property
     def decode_rows(self) -> slice:

@@ -178,6 +178,20 @@ class LlamaModel:
                     weights[key] = f.get_tensor(key)
         return cls(cfg, weights, dtype, device)
 
+    def reserve_rows(self, group: str, rows: int) -> list[torch.Tensor]:
+        """Each layer's `group` weight [N, H_in] moved into a buffer [N + rows, H_in] with `rows`
+        zero rows below it, which is returned (one per layer); the model reads its first N rows
+        in place from then on, so one GEMM against the buffer's first N + k rows gives the base
+        projection and k more outputs (the fused LoRA layout keeps its A rows there)."""
+        buffers = []
+        for lw in self.layers:
+            w = getattr(lw, group)  # [N, H_in]
+            buffer = torch.zeros(w.shape[0] + rows, w.shape[1], dtype=w.dtype, device=w.device)
+            buffer[: w.shape[0]] = w
+            setattr(lw, group, buffer[: w.shape[0]])
+            buffers.append(buffer)
+        return buffers
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]  # [T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]

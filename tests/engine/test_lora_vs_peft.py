@@ -11,13 +11,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+import kernels
+import kernels.cpu
 from node.adapters.peft_format import BaseModelShape, load_adapter
 from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
 from node.engine.batch import SeqWork, build_batch
 from node.engine.kv_cache import KVCache
-from node.engine.lora import LoraSlotPool
+from node.engine.lora import LoraSlotPool, make_layout
 from node.engine.model import LlamaModel
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,13 +86,24 @@ def _shape(model: LlamaModel, name: str, path: Path) -> BaseModelShape:
     return BaseModelShape(name, (str(path),), c.num_layers, c.hidden_size, c.intermediate_size, c.q_size, c.kv_size)
 
 
-@pytest.mark.parametrize("layout", ["native", "fused", "stacked"])
-def test_mixed_batch_logits_match_peft(tiny_model_dir, adapters_dir, layout):
+@pytest.mark.parametrize(
+    ("layout", "backend"),
+    [("stacked", "native"), ("stacked", "reference"), ("stacked", "triton"), ("fused", None)],
+    ids=["stacked-native", "stacked-reference", "stacked-triton", "fused"],
+)
+def test_mixed_batch_logits_match_peft(tiny_model_dir, adapters_dir, layout, backend):
     """One forward pass: 9 sequences with 9 adapters (mixed ranks/targets) plus a base-only one,
-    in every weight layout (native: the CPU path, the C kernel; fused: the CPU path without a
-    C compiler; stacked: the kernels' layout, the GPU path)."""
+    in every weight layout and, for the stacked one, every kernel backend (native: the CPU path;
+    fused: the CPU path without a C compiler; triton: the GPU path, here in Triton's interpreter;
+    reference: the torch ops)."""
+    if backend == "native" and not kernels.cpu.available():
+        pytest.skip(f"{kernels.cpu.unavailable_reason()}")
+    if backend == "triton" and not kernels.triton_available():
+        pytest.skip("triton does not import here")
     model = LlamaModel.from_pretrained(tiny_model_dir)
-    pool = LoraSlotPool(model, num_slots=len(SPECS), max_rank=16, layout=layout)
+    pool = LoraSlotPool(make_layout(model, len(SPECS), 16, layout=layout, backend=backend))
+    model.lora = pool
+    assert pool.layout.name == layout
     shape = _shape(model, "tiny", tiny_model_dir)
     kv = KVCache(model.cfg.num_layers, 128, 4, model.cfg.num_kv_heads, model.cfg.head_dim, model.dtype, model.device)
     works, names = [], []

@@ -87,6 +87,25 @@ def test_chunked_prefill_matches_whole_prefill(tiny_model_dir):
     assert (last[0] - ref[-1]).abs().max().item() < TOL
 
 
+def test_reserved_rows_keep_the_model_exact(tiny_model_dir):
+    """reserve_rows (the fused LoRA layout's storage): the model reads its weight in place from
+    the buffer's first N rows, whatever is written in the spare rows below."""
+    model = LlamaModel.from_pretrained(tiny_model_dir)
+    ids = _prompt(11, seed=8, vocab=model.cfg.vocab_size)
+    before = [lw.qkv.clone() for lw in model.layers]
+    buffers = model.reserve_rows("qkv", 5)
+    for lw, buffer, w in zip(model.layers, buffers, before):
+        N = w.shape[0]
+        assert buffer.shape == (N + 5, w.shape[1]) and not buffer[N:].any()
+        assert torch.equal(lw.qkv, w) and lw.qkv.data_ptr() == buffer.data_ptr()
+        buffer[N:] = 7.0
+    kv = _cache(model)
+    table: list[int] = []
+    kv.grow(table, len(ids))
+    logits = model.forward(build_batch([], [SeqWork(ids, 0, len(ids), table, True)], 4, model.device), kv.k, kv.v)
+    assert (logits[0] - _reference_logits(tiny_model_dir, ids)[-1]).abs().max().item() < TOL
+
+
 def test_mixed_batch_rows_match_separate_runs(tiny_model_dir):
     """Decodes of two sequences and the prefill of a third in one forward pass."""
     model = LlamaModel.from_pretrained(tiny_model_dir)

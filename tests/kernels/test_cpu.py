@@ -49,9 +49,8 @@ def transposed_B(p: Problem) -> torch.Tensor:
 
 def run(p: Problem, B: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     y = p.y.clone()
-    kernels.cpu.add_lora(
-        y, p.x, p.A, p.B if B is None else B, p.scales, p.ranks, p.slice_offsets, p.meta, threads=threads
-    )
+    weights = kernels.cpu.LoraWeights(p.A, p.B if B is None else B, p.scales, p.ranks, p.slice_offsets)
+    kernels.cpu.apply(y, p.x, weights, kernels.cpu.LoraSegments(p.meta, threads))
     return y
 
 
@@ -131,7 +130,7 @@ def test_base_only_step_and_strided_rows() -> None:
     y_wide, x_wide = torch.zeros(4, 60), torch.zeros(4, 45)
     y_wide[:, :40], x_wide[:, :40] = p.y, p.x
     y = y_wide[:, :40]
-    kernels.cpu.add_lora(y, x_wide[:, :40], p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+    kernels.add_lora(y, x_wide[:, :40], p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta, backend="native")
     assert_close(y, oracle_expand(p, oracle_shrink(p)), torch.float32)
     assert not y_wide[:, 40:].any()
 
@@ -241,7 +240,7 @@ def test_portable_build_matches_oracle(tmp_path) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             p = make_problem([3, -1, 0, 2] + [1] * 20, (24, 8, 8), 40, [16, 8, 4, 16], 16, dtype)
             y = p.y.clone()
-            kernels.cpu.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+            kernels.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta, backend="native")
             assert_close(y, oracle_expand(p, oracle_shrink(p)), dtype)
         print("ok")
     """
@@ -250,32 +249,33 @@ def test_portable_build_matches_oracle(tmp_path) -> None:
 
 
 def test_without_a_compiler_the_engine_falls_back(tmp_path) -> None:
-    """No compiler: available() is False with the reason, and the engine picks the torch layout."""
+    """No compiler: available() is False with the reason, the dispatcher picks the reference for
+    CPU tensors, the native backend asked for by name is refused with the reason, and the engine
+    picks the fused torch layout."""
     code = """
-        import kernels.cpu
-        from node.engine.lora import LoraSlotPool
+        import torch, kernels, kernels.cpu
+        from node.engine.lora import make_layout
         from node.engine.model import LlamaModel
         from tests.conftest import build_tiny_model
         import os, pathlib
         assert not kernels.cpu.available()
         print(kernels.cpu.unavailable_reason())
+        print(kernels.backend_for("cpu", torch.float32).name)
         model = LlamaModel.from_pretrained(build_tiny_model(pathlib.Path(os.environ["MODEL_DIR"])))
         try:
-            LoraSlotPool(model, 2, 8, layout="native")
+            make_layout(model, 2, 8, backend="native")
         except ValueError as e:
             print("refused:", e)
-        print(LoraSlotPool(model, 2, 8).layout)
+        print(make_layout(model, 2, 8).name)
     """
     proc = _in_fresh_process(
         code, OPENLORA_KERNEL_CACHE=str(tmp_path), PATH=str(tmp_path), CC="", MODEL_DIR=str(tmp_path / "m")
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()  # (the tokenizer trainer prints in between)
-    assert lines[0] == "no C compiler found (set CC, or install gcc)" and lines[-1] == "fused"
-    assert (
-        lines[-2]
-        == "refused: the native layout needs a CPU model and the native kernel (no C compiler found (set CC, or install gcc))"
-    )
+    reason = "no C compiler found (set CC, or install gcc)"
+    assert lines[:2] == [reason, "reference"] and lines[-1] == "fused"
+    assert lines[-2] == f"refused: the native LoRA kernel cannot run cpu torch.float32 tensors here: {reason}"
 
 
 @pytest.mark.parametrize(

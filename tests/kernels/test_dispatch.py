@@ -1,4 +1,5 @@
-"""Which implementation runs: the reference on CPU, Triton on CUDA or when forced; no Triton needed."""
+"""Which implementation runs (kernels.dispatch): native C on CPU where it builds, Triton on CUDA or
+when forced, the reference otherwise; asking for one that cannot run says why; no Triton needed."""
 
 from __future__ import annotations
 
@@ -10,34 +11,84 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+import kernels.cpu
+from kernels import dispatch, reference
 from tests.kernels.cases import assert_close, make_problem, oracle_expand, oracle_shrink
 
 QKV = (24, 8, 8)
 RANKS = [16, 8, 4, 16]
 
 
-def problem():
-    return make_problem([3, -1, 0, 0, 2, 1], QKV, hidden=40, ranks=RANKS, max_rank=16)
+def problem(dtype: torch.dtype = torch.float32):
+    return make_problem([3, -1, 0, 0, 2, 1], QKV, hidden=40, ranks=RANKS, max_rank=16, dtype=dtype)
 
 
-def test_cpu_tensors_use_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which backend's apply ran, in order (each still runs)."""
     monkeypatch.delenv("OPENLORA_FORCE_TRITON", raising=False)
-    calls = []
-    monkeypatch.setattr(reference, "add_lora", lambda *args: calls.append(args))
+    seen: list[str] = []
+    for backend in kernels.BACKENDS.values():
+        original = backend.apply
+
+        def spy(*args, _name=backend.name, _original=original, **kw):
+            seen.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(backend, "apply", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_tensors_use_native_where_it_has_the_dtype(calls: list[str], dtype: torch.dtype) -> None:
+    p = problem(dtype)
+    y = p.y.clone()
+    kernels.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+    native = kernels.cpu.available() and dtype in kernels.cpu.DTYPES
+    assert calls == ["native" if native else "reference"]
+    assert_close(y, oracle_expand(p, oracle_shrink(p)), dtype)
+
+
+@pytest.mark.parametrize("name", ["native", "reference"])
+def test_a_backend_asked_for_by_name_runs(calls: list[str], name: str) -> None:
+    if name == "native" and not kernels.cpu.available():
+        pytest.skip(f"{kernels.cpu.unavailable_reason()}")
     p = problem()
-    kernels.add_lora(p.y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
-    assert len(calls) == 1
+    y = p.y.clone()
+    kernels.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta, backend=name)
+    assert calls == [name]
+    assert_close(y, oracle_expand(p, oracle_shrink(p)), torch.float32)
 
 
-def test_forced_triton_matches_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backends_that_cannot_run_say_why() -> None:
+    with pytest.raises(ValueError, match="native LoRA kernel cannot run cpu torch.float16 tensors here: it has"):
+        kernels.backend_for("cpu", torch.float16, "native")
+    with pytest.raises(ValueError, match="native LoRA kernel cannot run meta .* CPU only"):
+        kernels.backend_for("meta", torch.float32, "native")
+    with pytest.raises(ValueError, match="unknown LoRA kernel backend 'cuda' \\(one of"):
+        kernels.backend_for("cpu", torch.float32, "cuda")
+    assert kernels.backend_for("cpu", torch.float16).name == "reference"
+    assert kernels.backend_for("meta", torch.float32).name == "reference"  # not CUDA, not the CPU
+
+
+def test_b_storage_each_backend_wants() -> None:
+    """The C kernel expands along contiguous columns of B; Triton and the reference take B [S, N, R]."""
+    assert {name: b.b_columns for name, b in kernels.BACKENDS.items()} == {
+        "native": True,
+        "triton": False,
+        "reference": False,
+    }
+
+
+def test_forced_triton_matches_the_oracle(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
     if not kernels.triton_available():
         pytest.skip("triton does not import here")
     monkeypatch.setenv("OPENLORA_FORCE_TRITON", "1")
-    monkeypatch.setattr(reference, "add_lora", None)  # any fallback would fail loudly
+    monkeypatch.setattr(reference, "shrink_expand", None)  # any fallback would fail loudly
     p = problem()
     y = p.y.clone()
     kernels.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+    assert calls == ["triton"]
     assert_close(y, oracle_expand(p, oracle_shrink(p)), torch.float32)
     t = kernels.lora_shrink(p.x, p.A, p.meta, p.ranks)
     assert_close(t, oracle_shrink(p), torch.float32)
@@ -46,10 +97,17 @@ def test_forced_triton_matches_the_oracle(monkeypatch: pytest.MonkeyPatch) -> No
     assert_close(y, oracle_expand(p, oracle_shrink(p)), torch.float32)
 
 
-def test_base_only_step_returns_before_any_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not kernels.triton_available():
+        pytest.skip("triton does not import here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="need TRITON_INTERPRET=1"):
+        kernels.backend_for("cpu", torch.float32, "triton")
+
+
+def test_base_only_step_returns_before_any_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENLORA_FORCE_TRITON", "1")
-    monkeypatch.setattr(kernels, "_kernels_for", None)
-    monkeypatch.setattr(reference, "add_lora", None)
+    monkeypatch.setattr(dispatch, "backend_for", None)
     p = make_problem([-1, -1, -1], QKV, hidden=40, ranks=RANKS, max_rank=16)
     y = p.y.clone()
     kernels.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
@@ -63,19 +121,27 @@ def test_import_works_without_triton() -> None:
         sys.modules["triton"] = None  # `import triton` now raises ImportError
         import torch, kernels
         meta = kernels.build_lora_meta(torch.tensor([0, -1, 1]))
+        args = (torch.ones(3, 5), torch.ones(2, 1, 2, 5), torch.ones(2, 4, 2),
+                torch.ones(2), torch.tensor([2, 1], dtype=torch.int32), (0, 4), meta)
         y = torch.zeros(3, 4)
-        kernels.add_lora(y, torch.ones(3, 5), torch.ones(2, 1, 2, 5), torch.ones(2, 4, 2),
-                         torch.ones(2), torch.tensor([2, 1], dtype=torch.int32), (0, 4), meta)
+        kernels.add_lora(y, *args, backend="reference")
         assert not kernels.triton_available()
         assert y[0].tolist() == [10.0] * 4 and y[1].tolist() == [0.0] * 4 and y[2].tolist() == [5.0] * 4
+        try:
+            kernels.add_lora(y, *args, backend="triton")
+        except ValueError as e:
+            print("refused:", e)
         os.environ["OPENLORA_FORCE_TRITON"] = "1"
         try:
-            kernels.add_lora(y, torch.ones(3, 5), torch.ones(2, 1, 2, 5), torch.ones(2, 4, 2),
-                             torch.ones(2), torch.tensor([2, 1], dtype=torch.int32), (0, 4), meta)
+            kernels.add_lora(y, *args)
         except RuntimeError as e:
             print("refused:", e)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "refused: OPENLORA_FORCE_TRITON=1 but Triton failed to import" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(
+        "refused: the triton LoRA kernel cannot run cpu torch.float32 tensors here: Triton failed"
+    )
+    assert lines[1].startswith("refused: OPENLORA_FORCE_TRITON=1 but Triton failed to import")

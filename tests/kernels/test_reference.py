@@ -43,7 +43,7 @@ def test_add_lora_matches_oracle(case: str, slices: tuple[int, ...], dtype: torc
     p = make_problem(CASES[case], slices, hidden=40, ranks=RANKS, max_rank=16, dtype=dtype)
     want = oracle_expand(p, oracle_shrink(p))
     y = p.y.clone()
-    reference.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+    reference.shrink_expand(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
     assert_close(y, want, dtype)
 
 
@@ -72,7 +72,7 @@ def test_expand_ignores_t_past_rank(dtype: torch.dtype, strategy: str) -> None:
 def test_base_only_step_leaves_y_untouched() -> None:
     p = make_problem([-1] * 6, QKV, hidden=40, ranks=RANKS, max_rank=16)
     y = p.y.clone()
-    reference.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+    reference.shrink_expand(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
     assert torch.equal(y, p.y)
     assert not reference.lora_shrink(p.x, p.A, p.meta, p.ranks).any()
 
@@ -109,7 +109,7 @@ def test_add_lora_property(
     p = make_problem(slots, slices, hidden=11, ranks=ranks, max_rank=8, dtype=dtype, seed=seed)
     y = p.y.clone()
     try:
-        reference.add_lora(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
+        reference.shrink_expand(y, p.x, p.A, p.B, p.scales, p.ranks, p.slice_offsets, p.meta)
     finally:
         reference.FEW_SHORT_FP32, reference.FEW_SHORT_HALF = DEFAULT_FEW
     assert_close(y, oracle_expand(p, oracle_shrink(p)), dtype)
