@@ -4,11 +4,16 @@ challenger that committed to its proof."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attribution.aggregation import Batch, BatchLeaf, Tree, build_batch, price, sorted_leaves
+from attribution.chain import Chain
+from attribution.deploy import Contracts
 from attribution.merkle import EMPTY, SumNode
 from attribution.types import SECP256K1_N, Signature
 from tests.attribution.helpers import (
@@ -426,3 +431,45 @@ async def test_proof_reverts(world: World) -> None:
     await world.chain.increase_time(CONFIG.challenge_window)
     with reverts("UsageSettlementChallengeWindowClosed"):
         await s.prove_invalid_record(ch, batch_id, batch, Tree.PAYER, 0)
+
+
+def _random_honest(anvil, fresh_chain, examples: int) -> None:
+    """Random honest batches (1-7 records of two payers, one through its dApp signer, adapters 0-2, any
+    token counts): every proof at every slot, boundary, node and entry reverts, also against the batch
+    committed before it."""
+    spec = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(1, 5_000), st.integers(0, 5_000)),
+                    min_size=1, max_size=7)
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(first=spec, second=spec)
+    def check(first, second) -> None:
+        with asyncio.Runner() as runner:
+            chain = runner.run(Chain.connect(anvil.rpc_url))
+            world = World(chain, fresh_chain, Contracts.attach(chain, fresh_chain), anvil.private_keys)
+            snapshot = runner.run(chain.snapshot())
+            try:
+                batches = []
+                for records in (first, second):
+                    leaves = []
+                    for who, adapter, tokens_in, tokens_out in records:
+                        payer = world.payer_b if who == 2 else world.payer_a
+                        key = world.dapp_signer.key if who == 1 else None
+                        leaves.append(runner.run(world.leaf(payer, adapter, tokens_in, tokens_out, signer_key=key)))
+                    batch = build_batch(leaves)
+                    batches.append((runner.run(world.commit(batch)), batch))
+                (first_id, first_batch), (second_id, second_batch) = batches
+                runner.run(assert_unchallengeable(world, second_id, second_batch, [(first_id, first_batch)]))
+            finally:
+                runner.run(chain.revert(snapshot))
+                runner.run(chain.close())
+
+    check()
+
+
+def test_random_honest_batches_cannot_be_challenged(anvil, fresh_chain) -> None:
+    _random_honest(anvil, fresh_chain, examples=4)
+
+
+@pytest.mark.slow
+def test_random_honest_batches_cannot_be_challenged_long(anvil, fresh_chain) -> None:
+    _random_honest(anvil, fresh_chain, examples=40)
