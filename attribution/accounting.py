@@ -16,6 +16,7 @@ journaled as free entries (charge 0, never batched).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from eth_hash.auto import keccak
 
 from attribution import checks
 from attribution.checks import RequestRefused, SignerStatus, Terms
+from attribution.errors import ChainError, IntervalConflict
 from attribution.signing import address_of, sign_usage_record
+from attribution.storage import Usage
 from attribution.types import BASE_MODEL_ADAPTER_ID, Domain, InferenceRequest, Signature, UsageRecord
 
 
@@ -54,6 +57,7 @@ class Grant:
     signer: str
     terms: Terms
     accepted_at: int  # becomes the record's servedAt
+    adapter: str  # the adapter's CID, "" for the base model
 
     @property
     def max_tokens(self) -> int:
@@ -117,7 +121,22 @@ class Accountant:
     async def authorise(
         self, request: InferenceRequest, signature: Signature, body: bytes, adapter_cid: str | None, input_tokens: int
     ) -> Grant:
-        """Runs every check; raises `RequestRefused` (nothing reserved, nothing charged) or returns the grant."""
+        """Runs every check; raises `RequestRefused` (nothing reserved, nothing charged) or returns the grant.
+        A chain that cannot be read is a retryable 503: serving blind could spend escrow that is not there."""
+        try:
+            return await self._authorise(request, signature, body, adapter_cid, input_tokens)
+        except ChainError as exc:
+            raise RequestRefused(
+                "chain",
+                f"The chain cannot be read right now ({exc}); retry shortly.",
+                status=503,
+                code="chain_unavailable",
+                retryable=True,
+            ) from None
+
+    async def _authorise(
+        self, request: InferenceRequest, signature: Signature, body: bytes, adapter_cid: str | None, input_tokens: int
+    ) -> Grant:
         now = int(self.clock())
         signer = checks.check_signature(request, signature, self.domain)
         checks.check_node(request, self.node)
@@ -141,7 +160,15 @@ class Accountant:
                     code="adapter_not_registered",
                 ) from None
         checks.check_adapter(request, adapter_id, adapter_cid or "the base model")
-        terms = await self.ledger.terms(adapter_id, self.node, now)
+        try:
+            terms = await self.ledger.terms(adapter_id, self.node, now)
+        except LookupError:
+            raise RequestRefused(
+                "adapter",
+                f"Adapter {adapter_id} is retired or has no terms in force.",
+                status=422,
+                code="adapter_retired",
+            ) from None
         checks.check_price(request, terms)
         available = await self.ledger.escrow_available(request.payer, self.node)
         uncommitted = await self.journal.uncommitted_charge(request.payer)
@@ -149,9 +176,18 @@ class Accountant:
         # one payer cannot both spend the same free escrow.
         checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
         self._in_flight[request.payer] = self._in_flight.get(request.payer, 0) + request.max_charge
-        grant = Grant(request, signature, signer, terms, now)
+        grant = Grant(request, signature, signer, terms, now, adapter_cid or "")
         try:
             await self.journal.reserve(request.payer, *request.interval)
+        except IntervalConflict as exc:
+            self._release(grant)
+            raise RequestRefused(
+                "unique",
+                f"This request's interval overlaps one this node already accepted from the payer: {exc}. "
+                "Sign a new request above the payer's highest cumulativeCap (GET /v1/attribution/payers/<payer>).",
+                status=409,
+                code="request_conflict",
+            ) from None
         except BaseException:
             self._release(grant)
             raise
@@ -185,11 +221,12 @@ class Accountant:
         )
         receipt = Receipt(grant, record, sign_usage_record(record, self.domain, self._key), self.node, self.signer)
         try:
-            await self.journal.append(receipt)
+            await self.journal.append(Usage(request, grant.signature, record, receipt.signature, grant.adapter))
         finally:
             self._release(grant)  # journaled: now counted by the journal's uncommitted charge (or never charged)
         return receipt
 
-    async def record_free(self, input_tokens: int, output_tokens: int) -> None:
+    async def record_free(self, adapter: str, text: str, output_tokens: int) -> None:
         """Journals an unsigned request served free (`allow_unsigned`): counted, never charged or batched."""
-        await self.journal.append_free(int(self.clock()), input_tokens, output_tokens)
+        record = UsageRecord(secrets.token_bytes(32), 0, output_tokens, 0, 0, response_hash(text), int(self.clock()))
+        await self.journal.append(Usage(None, None, record, None, adapter))

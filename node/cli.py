@@ -28,8 +28,10 @@ SERVE_FLAGS = (
     "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens",
     "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
     "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
-    "ipfs_timeout",
+    "ipfs_timeout", "chain_rpc_url", "deployments", "node_keystore", "node_key_password_file", "node_address",
+    "allow_unsigned", "journal_path", "batch_max_records", "batch_interval", "confirmations",
 )  # fmt: skip
+# Secrets (OPENLORA_NODE_KEY_PASSWORD, OPENLORA_NODE_PRIVATE_KEY) are environment-only: a flag would show in `ps`.
 PREPARE_FLAGS = ("model", "cache_dir")
 FLAG_ALIASES = {"adapters_dir": ("--adapters",)}
 FLAG_NAMES = {"ipfs_gateways": "--ipfs-gateway"}  # repeatable: one gateway per flag
@@ -147,6 +149,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from attribution.errors import AttributionError
     from node.adapters.errors import AdapterError
     from node.adapters.ipfs import IpfsError
     from node.engine import EngineError
@@ -155,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     try:
         args.run(args)
-    except (EngineError, AdapterError, IpfsError, ValidationError, OSError) as exc:
+    except (EngineError, AdapterError, IpfsError, AttributionError, ValidationError, OSError) as exc:
         print(f"openlora: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

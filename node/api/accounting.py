@@ -15,17 +15,33 @@ the response completes (docs/dapp.md).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
+from eth_utils import is_hex_address, to_checksum_address
 
-from attribution.accounting import Grant, Receipt
+from attribution.accounting import Accountant, Grant, Receipt
 from attribution.checks import RequestRefused
-from attribution.errors import SignatureError
-from attribution.types import InferenceRequest, Signature
+from attribution.errors import AttributionError, ChainError, SignatureError
+from attribution.signing import address_of
+from attribution.types import Domain, InferenceRequest, Signature
 from node.adapters.ipfs_source import IpfsAdapterSource
-from node.api.errors import APIError, ModelNotFoundError
+from node.api.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from node.api.keys import ACCOUNTANT
+from node.config import Settings
+
+
+class ConfigurationError(AttributionError, ValueError):
+    """The node's attribution settings are incomplete (a start-up error: one clear line, exit 1)."""
+
 
 REQUEST_HEADER = "X-OpenLoRA-Request"
 SIGNATURE_HEADER = "X-OpenLoRA-Signature"
@@ -105,7 +121,7 @@ async def authorise(
 
 
 async def record(
-    request: web.Request, grant: Grant | None, text: str, prompt_tokens: int, output_tokens: int
+    request: web.Request, grant: Grant | None, adapter: str, text: str, output_tokens: int
 ) -> Receipt | None:
     """Phase 3: the signed, durably journaled usage record (None for free requests, which are journaled
     as free entries on a chain-backed node)."""
@@ -113,7 +129,7 @@ async def record(
     if accountant is None:
         return None
     if grant is None:
-        await accountant.record_free(prompt_tokens, output_tokens)
+        await accountant.record_free(adapter, text, output_tokens)
         return None
     return await accountant.record(grant, text, output_tokens)
 
@@ -123,3 +139,99 @@ def release(request: web.Request, grant: Grant | None) -> None:
     accountant = request.app.get(ACCOUNTANT)
     if accountant is not None and grant is not None:
         accountant.release(grant)
+
+
+@asynccontextmanager
+async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
+    """Connects to the chain named by the settings and opens the journal; yields the node's accountant."""
+    from attribution.storage import SqliteJournal
+
+    from attribution.chain import Chain
+    from attribution.deploy import Contracts, Deployments
+    from attribution.keys import load_keystore, parse_raw_key, read_password
+    from attribution.ledger import ChainLedger
+
+    if settings.deployments is None:
+        raise ConfigurationError("a chain needs --deployments (the JSON `openlora chain deploy` writes)")
+    chain = await Chain.connect(settings.chain_rpc_url)
+    try:
+        contracts = Contracts.attach(chain, Deployments.load(settings.deployments))
+        if settings.node_keystore is not None:
+            password = read_password(
+                settings.node_key_password_file,
+                settings.node_key_password.get_secret_value() if settings.node_key_password else None,
+            )
+            key = load_keystore(settings.node_keystore, password)
+        elif settings.node_private_key is not None:
+            key = parse_raw_key(settings.node_private_key.get_secret_value(), chain.chain_id)
+        else:
+            raise ConfigurationError("a chain needs the record-signing key: --node-keystore (or a raw key on a devnet)")
+        settlement = contracts.settlement
+        max_ttl = await settlement._call("maxRequestTtl")
+        commit_delay = await settlement._call("maxCommitDelay")
+        journal = SqliteJournal(settings.journal_file)
+        try:
+            accountant = Accountant(
+                domain=Domain(chain.chain_id, settlement.address),
+                node=settings.node_address or address_of(key),
+                key=key,
+                ledger=ChainLedger(contracts),
+                journal=journal,
+                max_request_ttl=max_ttl,
+                commit_margin=max_ttl + commit_delay,
+                allow_unsigned=settings.allow_unsigned,
+            )
+            accountant.max_commit_delay = commit_delay
+            yield accountant
+        finally:
+            await journal.close()
+    finally:
+        await chain.close()
+
+
+async def attribution_info(request: web.Request) -> web.Response:
+    """What a dApp needs to sign for this node: the EIP-712 domain, the node, its record signer, the limits."""
+    accountant = _accountant(request)
+    return web.json_response(
+        {
+            "chainId": accountant.domain.chain_id,
+            "settlement": accountant.domain.verifying_contract,
+            "node": accountant.node,
+            "signer": accountant.signer,
+            "maxRequestTtl": accountant.max_request_ttl,
+            "maxCommitDelay": accountant.max_commit_delay,
+            "allowUnsigned": accountant.allow_unsigned,
+        }
+    )
+
+
+async def payer_info(request: web.Request) -> web.Response:
+    """A payer's position with this node: the highest cumulativeCap accepted (sign above it) and free escrow."""
+    accountant = _accountant(request)
+    payer = request.match_info["payer"]
+    if not is_hex_address(payer):
+        raise InvalidRequestError(f"'{payer}' is not a 0x address.", param="payer", code="invalid_value")
+    payer = to_checksum_address(payer)
+    try:
+        available = await accountant.ledger.escrow_available(payer, accountant.node)
+    except ChainError:
+        raise ServiceUnavailableError(
+            "The chain cannot be read right now; retry shortly.", code="chain_unavailable"
+        ) from None
+    uncommitted = await accountant.journal.uncommitted_charge(payer)
+    return web.json_response(
+        {
+            "payer": payer,
+            "cumulativeCap": str(await accountant.journal.highest_cap(payer)),
+            "available": str(max(available - uncommitted, 0)),
+        }
+    )
+
+
+def _accountant(request: web.Request) -> Accountant:
+    accountant = request.app.get(ACCOUNTANT)
+    if accountant is None:
+        raise NotFoundError(
+            "This node has no chain configured: requests are served unsigned and free.", code="attribution_unavailable"
+        )
+    return accountant

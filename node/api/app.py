@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from node.api.accounting import attribution_info, open_accounting, payer_info
 from node.api.errors import ModelNotFoundError, error_middleware
 from node.api.generation import chat_completions, completions
-from node.api.keys import ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.keys import ACCOUNTANT, ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
@@ -31,11 +32,14 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_local_ipfs)
+    app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/v1/attribution", attribution_info)
+    app.router.add_get("/v1/attribution/payers/{payer}", payer_info)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
@@ -73,6 +77,18 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
     finally:
         if node is not None:
             await asyncio.get_running_loop().run_in_executor(None, node.stop)
+
+
+async def _accounting(app: web.Application) -> AsyncIterator[None]:
+    """With a chain configured: the accountant (signed requests, usage records, the journal) and the
+    submitter that batches, commits and finalizes the journal's records, for the app's lifetime."""
+    settings = app[SETTINGS]
+    if settings.chain_rpc_url is None:
+        yield
+        return
+    async with open_accounting(settings) as accountant:
+        app[ACCOUNTANT] = accountant
+        yield
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:

@@ -242,7 +242,7 @@ async def _complete(
             if not req.stream:
                 text = "".join([out.text async for out in outputs])
                 usage = _usage(run.last)
-                receipt = await accounting.record(request, grant, text, usage.prompt_tokens, usage.completion_tokens)
+                receipt = await accounting.record(request, grant, adapter or "", text, usage.completion_tokens)
                 body = fmt.body(text, _finish_name(run.last), usage).model_dump(mode="json")
                 if receipt is not None:
                     body["openlora"] = receipt.to_wire()
@@ -261,14 +261,14 @@ async def _complete(
                     sent_tokens = out.completion_tokens
                 out = await anext(outputs, None)
         usage = _usage(run.last)
-        receipt = await accounting.record(request, grant, "".join(sent), usage.prompt_tokens, usage.completion_tokens)
+        receipt = await accounting.record(request, grant, adapter or "", "".join(sent), usage.completion_tokens)
     except BaseException:
         if receipt is None and not sent:
             accounting.release(request, grant)
         elif receipt is None and grant is not None:
             # The client has tokens it signed for: record them even though the handler is being cancelled.
             text = "".join(sent)
-            await asyncio.shield(accounting.record(request, grant, text, len(prompt_ids), sent_tokens))
+            await asyncio.shield(accounting.record(request, grant, adapter or "", text, sent_tokens))
         raise
     if req.stream_options is not None and req.stream_options.include_usage:
         await _send(response, fmt.usage(usage))

@@ -1,0 +1,91 @@
+"""The chain reads a node makes to authorise requests, cached for a short time.
+
+A request must not wait on several RPC round trips, and thousands of requests a second from one payer must
+not become thousands of identical reads; the state these reads see changes slowly (deposits, signer changes
+and terms versions). Entries live `ttl` seconds (2 s by default), so a withdrawal request or a signer
+revocation is seen within `ttl` — well inside the protocol's margins (the thaw and notice periods exceed the
+maximum request lifetime plus the commit delay). Escrow is counted as balance minus thawing: thawing funds may
+leave before the node commits, so it never serves against them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from attribution.checks import SignerStatus, Terms
+from attribution.errors import ChainError
+
+T = TypeVar("T")
+
+
+class ChainLedger:
+    """`attribution.accounting.Ledger` over a deployment's contracts (`attribution.deploy.Contracts`)."""
+
+    def __init__(self, contracts: Any, *, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.contracts = contracts
+        self.ttl = ttl
+        self.clock = clock
+        self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+    async def _cached(self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]]) -> T:
+        now = self.clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await read()
+        if len(self._cache) > 100_000:  # bounded: drop everything rather than track per-key age
+            self._cache.clear()
+        self._cache[key] = (now + self.ttl, value)
+        return value
+
+    async def signer_status(self, payer: str, signer: str) -> SignerStatus | None:
+        async def read() -> SignerStatus | None:
+            since, until = await self.contracts.escrow._call("signerOf", payer, signer)
+            if since == 0 and until == 0:
+                return None
+            return SignerStatus(since, 0 if until >= 2**64 - 1 else until)
+
+        return await self._cached(("signer", payer, signer), read)
+
+    async def escrow_available(self, payer: str, node: str) -> int:
+        async def read() -> int:
+            balance, thawing, _ = await self.contracts.escrow._call("accountOf", payer, node)
+            return max(balance - thawing, 0)
+
+        return await self._cached(("escrow", payer, node), read)
+
+    async def adapter_id(self, cid: str) -> int:
+        async def read() -> int:
+            return await self.contracts.adapters._call("adapterIdOf", cid)
+
+        adapter_id = await self._cached(("adapter", cid), read)
+        if adapter_id == 0:
+            raise LookupError(cid)
+        return adapter_id
+
+    async def terms(self, adapter_id: int, node: str, at: int) -> Terms:
+        """Prices in force at `at` (unix seconds) and the node's fee then. The cache is keyed by the second,
+        so a terms version that takes effect is never read early."""
+
+        async def fee() -> int:
+            found, fee_per_token = await self.contracts.nodes._call("feeAt", node, at)
+            if not found:
+                raise ChainError(f"node {node} has no fee in force at {at}: is it registered?")
+            return fee_per_token
+
+        fee_per_token = await self._cached(("fee", node, at), fee)
+        if adapter_id == 0:
+            return Terms(0, 0, 0, fee_per_token)
+
+        async def version() -> tuple[int, int, int]:
+            found, number, retired, price_in, price_out = await self.contracts.adapters._call(
+                "versionAt", adapter_id, at
+            )
+            if not found or retired:
+                raise LookupError(adapter_id)
+            return number, price_in, price_out
+
+        number, price_in, price_out = await self._cached(("terms", adapter_id, at), version)
+        return Terms(number, price_in, price_out, fee_per_token)
