@@ -33,6 +33,7 @@ SERVE_FLAGS = (
 )  # fmt: skip
 # Secrets (OPENLORA_NODE_KEY_PASSWORD, OPENLORA_NODE_PRIVATE_KEY) are environment-only: a flag would show in `ps`.
 PREPARE_FLAGS = ("model", "cache_dir")
+DEVNET_FLAGS = ("host", "port", "model", "cache_dir", "dtype", "threads", "max_loras", "allow_unsigned")
 FLAG_ALIASES = {"adapters_dir": ("--adapters",)}
 FLAG_NAMES = {"ipfs_gateways": "--ipfs-gateway"}  # repeatable: one gateway per flag
 
@@ -113,14 +114,47 @@ def _register_model(subparsers: argparse._SubParsersAction) -> None:
     prepare.set_defaults(run=_model_prepare)
 
 
+def _devnet_up(args: argparse.Namespace) -> None:
+    from node.devnet import up
+    from node.engine.prepare import prepare_model
+
+    settings = _settings(args, DEVNET_FLAGS)
+    model_dir = prepare_model(settings, progress=True)
+    asyncio.run(up(settings.model_copy(update={"model": str(model_dir)}), chain_port=args.chain_port))
+
+
+def _devnet_down(args: argparse.Namespace) -> None:
+    from node.devnet import down
+
+    print("devnet stopped" if down(_settings(args, ("cache_dir",))) else "no devnet is running")
+
+
+def _register_devnet(subparsers: argparse._SubParsersAction) -> None:
+    devnet = subparsers.add_parser("devnet", help="the whole local network: chain, IPFS, contracts, payer, node")
+    commands = devnet.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    up = commands.add_parser("up", help="start everything in the foreground and print a paid client command")
+    _add_settings_flags(up, DEVNET_FLAGS)
+    up.add_argument("--chain-port", type=int, default=None, help="anvil's port (default: a free one)")
+    up.set_defaults(run=_devnet_up)
+    down = commands.add_parser("down", help="stop a running `devnet up` and everything it started")
+    _add_settings_flags(down, ("cache_dir",))
+    down.set_defaults(run=_devnet_down)
+
+
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Each entry adds one group of subcommands. Packages with commands of their own register here."""
     from attribution.cli import register_cli as register_chain
     from attribution.client_cli import register_cli as register_client
     from node.adapters.cli import register_cli as register_adapter
 
-    return [_register_serve, _register_model, lambda sp: register_adapter(sp, _add_settings_flags), register_chain,
-            lambda sp: register_client(sp, default_tokenizer=_base_model_dir)]
+    return [
+        _register_serve,
+        _register_model,
+        _register_devnet,
+        lambda sp: register_adapter(sp, _add_settings_flags),
+        register_chain,
+        lambda sp: register_client(sp, default_tokenizer=_base_model_dir),
+    ]
 
 
 def _base_model_dir() -> Path:

@@ -137,15 +137,21 @@ async def _publish(args: argparse.Namespace) -> None:
     cid = str(dag.root)
     if args.name:
         index_file = _index_file(settings)
-        index = _read_index(index_file)
-        index[args.name] = cid
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".index-", dir=index_file.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, index_file)
+        add_to_index(index_file, args.name, cid)
         console.print(f"indexed {args.name!r} -> {cid} in {index_file}")
     print(cid)
+
+
+def add_to_index(index_file: Path, name: str, cid: str) -> None:
+    """Maps `name` to `cid` in the node's adapter index (atomically: a serving node may be reading it)."""
+    _check_name(name)
+    index = _read_index(index_file)
+    index[name] = cid
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".index-", dir=index_file.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, index_file)
 
 
 def _check_name(name: str) -> None:

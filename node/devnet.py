@@ -1,0 +1,251 @@
+"""`openlora devnet up | down`: the whole local network in one command.
+
+`up` starts anvil, deploys the contracts, registers this node (stake, signer, fee), funds a demo payer's
+escrow with the node, starts the node (the bundled model, its local IPFS node, the journal and the
+submitter), publishes demo adapters to IPFS and registers them on chain with contributor splits and prices,
+then prints a ready-to-paste paid client command. It stays in the foreground; Ctrl-C, SIGTERM or
+`openlora devnet down` (which signals the process recorded in `<dir>/devnet.json`) stops exactly what it
+started: the node, its IPFS node and anvil.
+
+Accounts are anvil's well-known dev keys (never use them on a real chain): 0 deploys and is the treasury,
+1 runs the node, 2 is the demo payer, 3 and 4 contribute the demo adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_account import Account
+from eth_hash.auto import keccak
+
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+OPEN = 10**18
+# Short windows so that a demo batch commits within seconds and finalizes within minutes.
+DEVNET_CONFIG = {
+    "challenge_window": 120,
+    "max_request_ttl": 300,
+    "max_commit_delay": 600,
+    "notice_period": 1_200,
+    "thaw_period": 1_200,
+    "unbonding_delay": 600,
+    "batch_interval": 30,
+    "min_stake": 100 * OPEN,
+}
+NODE_STAKE = 10_000 * OPEN
+NODE_FEE_PER_TOKEN = 10**12  # 0.000001 OPEN per token
+PAYER_DEPOSIT = 1_000 * OPEN
+
+
+@dataclass(frozen=True)
+class DemoAdapter:
+    name: str
+    seed: int
+    price_in: int  # OPEN wei per input token
+    price_out: int  # per output token
+    shares_bps: tuple[int, int]  # contributors: dev accounts 3 and 4
+
+
+DEMO_ADAPTERS = (
+    DemoAdapter("demo-poet", 1, 2 * 10**12, 5 * 10**12, (7_000, 3_000)),
+    DemoAdapter("demo-coder", 2, 3 * 10**12, 8 * 10**12, (5_000, 5_000)),
+)
+
+
+def devnet_dir(settings: Settings) -> Path:
+    return settings.cache_dir / "devnet"
+
+
+def state_file(settings: Settings) -> Path:
+    return devnet_dir(settings) / "devnet.json"
+
+
+async def _fund_and_register(rpc_url: str, keys: list[str], deployments_path: Path, endpoint: str) -> None:
+    """Stake and register the node, fund the payer's escrow with it."""
+    from attribution.chain import Chain
+    from attribution.deploy import Contracts, Deployments
+
+    deployer, operator, payer = (Account.from_key(k) for k in keys[:3])
+    chain = await Chain.connect(rpc_url)
+    try:
+        c = Contracts.attach(chain, Deployments.load(deployments_path))
+        await c.token._send(deployer, "mint", operator.address, NODE_STAKE)
+        await c.token._send(deployer, "mint", payer.address, PAYER_DEPOSIT)
+        await c.token._send(operator, "approve", c.nodes.address, NODE_STAKE)
+        await c.nodes._send(operator, "register", operator.address, endpoint, NODE_FEE_PER_TOKEN, NODE_STAKE)
+        await c.token._send(payer, "approve", c.escrow.address, PAYER_DEPOSIT)
+        await c.escrow._send(payer, "deposit", operator.address, PAYER_DEPOSIT)
+    finally:
+        await chain.close()
+
+
+async def _publish_demo_adapters(
+    settings: Settings, model_name: str, keys: list[str], deployments_path: Path
+) -> dict[str, str]:
+    """Makes (once, cached), publishes and registers the demo adapters; returns name -> CID."""
+    from attribution.chain import Chain
+    from attribution.deploy import Contracts, Deployments
+    from node.adapters.cli import add_to_index, ipfs_endpoints
+    from node.adapters.ipfs import KuboRpcClient, import_directory
+    from node.adapters.synthetic import make_random_adapter
+    from node.engine.prepare import prepare_model
+
+    base_dir = prepare_model(settings)
+    owner = Account.from_key(keys[0])
+    contributors = [Account.from_key(k).address for k in keys[3:5]]
+    cids: dict[str, str] = {}
+    chain = await Chain.connect(settings.chain_rpc_url)
+    try:
+        c = Contracts.attach(chain, Deployments.load(deployments_path))
+        base_model = keccak(model_name.encode())  # the registry's base-model id: keccak256 of its name
+        async with ipfs_endpoints(settings) as (api_url, _):
+            for demo in DEMO_ADAPTERS:
+                directory = settings.cache_dir / "devnet-adapters" / demo.name
+                if not (directory / "adapter_model.safetensors").is_file():
+                    await asyncio.to_thread(make_random_adapter, base_dir, directory, seed=demo.seed)
+                dag = await asyncio.to_thread(import_directory, directory)
+                async with KuboRpcClient(api_url) as client:
+                    await client.dag_import(dag.car_chunks())
+                    await client.pin_add(dag.root)
+                cid = str(dag.root)
+                add_to_index(settings.adapter_index or settings.default_adapter_index, demo.name, cid)
+                if await c.adapters._call("adapterIdOf", cid) == 0:
+                    await c.adapters._send(
+                        owner, "register", cid, base_model, demo.price_in, demo.price_out, contributors,
+                        list(demo.shares_bps),
+                    )  # fmt: skip
+                cids[demo.name] = cid
+    finally:
+        await chain.close()
+    return cids
+
+
+async def up(settings: Settings, *, chain_port: int | None = None) -> None:
+    """Runs the devnet until a signal arrives (see the module docstring)."""
+    from attribution.deploy import DeployConfig, deploy_all
+    from attribution.devchain import Anvil
+    from node.api.app import create_app
+    from node.api.server import start_server
+
+    directory = devnet_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    _refuse_if_running(settings)
+    anvil = Anvil(port=chain_port)
+    await asyncio.to_thread(anvil.start)
+    try:
+        keys = anvil.private_keys
+        deployments_path = directory / "deployments.json"
+        await deploy_all(anvil.rpc_url, keys[0], DeployConfig(**DEVNET_CONFIG), out=deployments_path)
+        node_url = f"http://{settings.host}:{settings.port}"
+        await _fund_and_register(anvil.rpc_url, keys, deployments_path, node_url)
+        journal = directory / "journal.sqlite"
+        for stale in directory.glob("journal.sqlite*"):  # a fresh chain: the old journal's records are void
+            stale.unlink()
+        payer_key = directory / "payer.key"
+        payer_key.touch(mode=0o600)
+        payer_key.write_text(keys[2] + "\n")
+        node_settings = settings.model_copy(
+            update={
+                "chain_rpc_url": anvil.rpc_url,
+                "deployments": deployments_path,
+                "node_private_key": keys[1],
+                "journal_path": journal,
+                "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
+            }
+        )
+        app = create_app(node_settings)
+        runner, url = await start_server(app, settings.host, settings.port)
+        try:
+            from node.api.keys import ENGINE, SETTINGS
+
+            cids = await _publish_demo_adapters(app[SETTINGS], app[ENGINE].model_name, keys, deployments_path)
+            _write_state(settings, anvil.rpc_url, url, cids)
+            _print_ready(url, anvil.rpc_url, payer_key, cids, Account.from_key(keys[2]).address)
+            await _wait_for_signal()
+            log.info("devnet: shutting down")
+        finally:
+            await runner.cleanup()
+    finally:
+        anvil.stop()
+        state_file(settings).unlink(missing_ok=True)
+
+
+def down(settings: Settings, timeout: float = 30.0) -> bool:
+    """Signals a running `devnet up` to stop and waits for it; False when none was running."""
+    state = _read_state(settings)
+    if state is None:
+        return False
+    pid = state["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        raise SystemExit(f"openlora: error: the devnet process {pid} did not stop within {timeout:.0f} s")
+    state_file(settings).unlink(missing_ok=True)
+    return True
+
+
+def _refuse_if_running(settings: Settings) -> None:
+    state = _read_state(settings)
+    if state is not None:
+        raise SystemExit(
+            f"openlora: error: a devnet is already running (pid {state['pid']}, {state['node']}): `openlora devnet down`"
+        )
+
+
+def _read_state(settings: Settings) -> dict | None:
+    try:
+        state = json.loads(state_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if _alive(state.get("pid", -1)) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    with contextlib.suppress(OSError):  # a zombie is not alive
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+def _write_state(settings: Settings, rpc_url: str, node_url: str, cids: dict[str, str]) -> None:
+    state = {"pid": os.getpid(), "chain": rpc_url, "node": node_url, "adapters": cids}
+    tmp = state_file(settings).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_file(settings))
+
+
+def _print_ready(url: str, rpc_url: str, payer_key: Path, cids: dict[str, str], payer: str) -> None:
+    names = ", ".join(cids)
+    print(
+        f"\nOpenLoRA devnet is up: node {url}, chain {rpc_url}, adapters {names}.\n"
+        f"Demo payer {payer} has {PAYER_DEPOSIT // OPEN} OPEN in escrow with the node. Send a paid request:\n\n"
+        f"  .venv/bin/openlora client chat --node-url {url} --model {next(iter(cids))} "
+        f'--key-file {payer_key} "What is the capital of France?"\n\n'
+        "Stop with Ctrl-C or `.venv/bin/openlora devnet down`.\n",
+        flush=True,
+    )
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
