@@ -104,6 +104,7 @@ class Accountant:
         max_request_ttl: int,
         commit_margin: int,
         allow_unsigned: bool = False,
+        on_record: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.domain = domain
@@ -115,6 +116,7 @@ class Accountant:
         self.max_request_ttl = max_request_ttl
         self.commit_margin = commit_margin  # how long a signer must stay valid for what we serve now
         self.allow_unsigned = allow_unsigned
+        self.on_record = on_record  # e.g. wakes the submitter
         self.clock = clock
         self._in_flight: dict[str, int] = {}  # payer -> maxCharge of granted requests not yet recorded
 
@@ -224,6 +226,8 @@ class Accountant:
             await self.journal.append(Usage(request, grant.signature, record, receipt.signature, grant.adapter))
         finally:
             self._release(grant)  # journaled: now counted by the journal's uncommitted charge (or never charged)
+        if self.on_record is not None:
+            self.on_record()
         return receipt
 
     async def record_free(self, adapter: str, text: str, output_tokens: int) -> None:

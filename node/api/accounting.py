@@ -14,12 +14,16 @@ the response completes (docs/dapp.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from eth_account import Account
 from eth_utils import is_hex_address, to_checksum_address
 
 from attribution.accounting import Accountant, Grant, Receipt
@@ -150,12 +154,14 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
     from attribution.deploy import Contracts, Deployments
     from attribution.keys import load_keystore, parse_raw_key, read_password
     from attribution.ledger import ChainLedger
+    from attribution.submitter import Submitter
 
     if settings.deployments is None:
         raise ConfigurationError("a chain needs --deployments (the JSON `openlora chain deploy` writes)")
     chain = await Chain.connect(settings.chain_rpc_url)
     try:
-        contracts = Contracts.attach(chain, Deployments.load(settings.deployments))
+        deployments = Deployments.load(settings.deployments)
+        contracts = Contracts.attach(chain, deployments)
         if settings.node_keystore is not None:
             password = read_password(
                 settings.node_key_password_file,
@@ -182,11 +188,51 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
                 allow_unsigned=settings.allow_unsigned,
             )
             accountant.max_commit_delay = commit_delay
-            yield accountant
+            submitter = Submitter(
+                journal=journal,
+                contracts=contracts,
+                sender=Account.from_key(key),
+                node=accountant.node,
+                publish=_publisher(settings),
+                batch_dir=settings.journal_file.parent / "batches",
+                max_records=settings.batch_max_records,
+                interval=settings.batch_interval,
+                max_commit_delay=commit_delay,
+                challenge_window=await settlement._call("challengeWindow"),
+                confirmations=settings.confirmations,
+                from_block=deployments.block_number,
+            )
+            accountant.on_record = submitter.notify
+            accountant.submitter = submitter
+            task = asyncio.create_task(submitter.run(), name="openlora-submitter")
+            try:
+                yield accountant
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         finally:
             await journal.close()
     finally:
         await chain.close()
+
+
+def _publisher(settings: Settings) -> Callable[[Path], Awaitable[str]]:
+    """Batch files go to the node's IPFS node (its Kubo RPC API), pinned: auditors fetch them by CID."""
+    from node.adapters.ipfs import KuboRpcClient, import_file
+
+    api_url = settings.ipfs_api_url
+    if api_url is None:
+        raise ConfigurationError("batch files are published to IPFS: configure --ipfs-api-url (Kubo's RPC API)")
+
+    async def publish(path: Path) -> str:
+        dag = await asyncio.to_thread(import_file, path)
+        async with KuboRpcClient(api_url) as client:
+            await client.dag_import(dag.car_chunks())
+            await client.pin_add(dag.root)
+        return str(dag.root)
+
+    return publish
 
 
 async def attribution_info(request: web.Request) -> web.Response:

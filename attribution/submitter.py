@@ -1,0 +1,266 @@
+"""The submitter: journaled records -> batch files on IPFS -> commits on chain -> finalized payments.
+
+One loop per node (`run`). Each pass:
+
+1. **Drop what can no longer be committed.** A record must be committed before its request's
+   `deadline + maxCommitDelay` (later the contract would call it fraud); a RECORDED entry within `margin`
+   of that is REFUNDED (never charged) instead of risking a slashable commit.
+2. **Batch.** When `max_records` wait, the oldest has waited `interval`, or one comes close to its commit
+   deadline: take the oldest RECORDED entries (at most `max_records`), mark them BATCHED under a fresh local
+   batch number (durably, before anything is sent: the journal is the write-ahead log), build the honest
+   batch (`attribution.aggregation.build_batch`, each payer's voucher = the highest-cap request it ever
+   signed for us), write the batch file and publish it to IPFS.
+3. **Commit** the batch (`UsageSettlement.commitBatch`), wait for `confirmations`, mark it COMMITTED.
+4. **Finalize** committed batches whose challenge window has ended (anyone may; the node does it for its
+   own), mark them FINALIZED; a batch the chain reports voided becomes VOIDED.
+
+Restart safety: a BATCHED group may or may not have reached the chain when the node died. `recover` first
+waits for the sender's pending transactions to be mined, then looks for the group's payer root among this
+node's `BatchCommitted` events: found, the group is COMMITTED; not found, it is committed again (the same
+leaves, so the same root). A record is therefore committed exactly once and never lost. Chain and IPFS
+failures are retried with exponential backoff (1 s doubling to 60 s); serving goes on meanwhile.
+
+The protocol has no interactive challenge for the node to answer: a fraud proof either succeeds (the node
+cheated) or reverts, so an honest node only has to commit in time and finalize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+
+from attribution.aggregation import Batch, BatchLeaf, Voucher, build_batch
+from attribution.errors import AttributionError
+from attribution.storage import Entry, State
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Path], Awaitable[str]]  # a batch file on disk -> its IPFS CID
+
+STATUS_PENDING, STATUS_FINALIZED, STATUS_VOIDED = 1, 2, 3
+
+
+@dataclass
+class SubmitterStats:
+    """Counters the metrics endpoint reads."""
+
+    committed: int = 0
+    finalized: int = 0
+    voided: int = 0
+    refunded_records: int = 0
+    chain_errors: int = 0
+    last_error: str = ""
+    last_commit_at: float = 0.0
+    ids: dict[int, int] = field(default_factory=dict)  # local batch number -> chain batch id
+
+
+class Submitter:
+    def __init__(
+        self,
+        *,
+        journal: Any,
+        contracts: Any,
+        sender: LocalAccount,
+        node: str,
+        publish: Publish,
+        batch_dir: Path,
+        max_records: int,
+        interval: float,
+        max_commit_delay: int,
+        challenge_window: int,
+        confirmations: int = 1,
+        margin: int = 60,
+        from_block: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.contracts = contracts
+        self.chain = contracts.settlement.chain
+        self.sender = sender
+        self.node = node
+        self.publish = publish
+        self.batch_dir = batch_dir
+        self.max_records = max_records
+        self.interval = interval
+        self.max_commit_delay = max_commit_delay
+        self.challenge_window = challenge_window
+        self.confirmations = confirmations
+        self.margin = margin
+        self.from_block = from_block  # the deployment's block: where this node's BatchCommitted events start
+        self.clock = clock
+        self.stats = SubmitterStats()
+        self._last_number = 0
+        self._wake = asyncio.Event()
+
+    def notify(self) -> None:
+        """A record was journaled: the loop re-checks whether a batch is due (cheap)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Forever: recover, then step every second or when notified; failures back off and retry."""
+        backoff = 1.0
+        recovered = False
+        while True:
+            try:
+                if not recovered:
+                    await self.recover()
+                    recovered = True
+                await self.step()
+                backoff = 1.0
+                delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # chain, IPFS, disk: all retried; the journal keeps every record
+                self.stats.chain_errors += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("submitter: %s; retrying in %.0f s", self.stats.last_error, backoff)
+                delay, backoff = backoff, min(backoff * 2, 60.0)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def step(self) -> None:
+        await self.refund_expired()
+        while await self._batch_due():
+            await self.commit_next()
+        await self.finalize_due()
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    def _commit_by(self, entry: Entry) -> int:
+        return entry.usage.request.deadline + self.max_commit_delay
+
+    async def refund_expired(self) -> None:
+        now = int(self.clock())
+        expired = [
+            e for e in await self.journal.due(now - self.max_commit_delay + self.margin) if e.state is State.RECORDED
+        ]
+        if expired:
+            await self.journal.transition([e.usage.digest for e in expired], State.REFUNDED)
+            self.stats.refunded_records += len(expired)
+            log.warning(
+                "submitter: %d records missed their commit deadline and were dropped (not charged)", len(expired)
+            )
+
+    async def _batch_due(self) -> bool:
+        waiting = await self.journal.in_state(State.RECORDED, limit=self.max_records)
+        if not waiting:
+            return False
+        now = self.clock()
+        if len(waiting) >= self.max_records or now - waiting[0].recorded_at >= self.interval:
+            return True
+        # Close to a commit deadline: commit now rather than wait for the interval.
+        soon = int(now) + int(self.interval) + self.margin - self.max_commit_delay
+        return any(e.state is State.RECORDED for e in await self.journal.due(soon, limit=1))
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _next_number(self) -> int:
+        self._last_number = max(self._last_number + 1, time.time_ns() // 1000)
+        return self._last_number
+
+    async def _build(self, entries: list[Entry]) -> Batch:
+        leaves = [
+            BatchLeaf(e.usage.request, e.usage.request_signature, e.usage.record, e.usage.record_signature)
+            for e in entries
+        ]
+        vouchers: dict[str, Voucher] = {}
+        for payer in {leaf.request.payer for leaf in leaves}:
+            best = await self.journal.voucher(payer)
+            if best is not None:
+                vouchers[payer] = Voucher(best.usage.request, best.usage.request_signature)
+        return build_batch(leaves, vouchers)
+
+    async def commit_next(self) -> None:
+        entries = await self.journal.in_state(State.RECORDED, limit=self.max_records)
+        number = self._next_number()
+        await self.journal.transition([e.usage.digest for e in entries], State.BATCHED, batch_id=number)
+        await self._commit(number, entries)
+
+    async def _commit(self, number: int, entries: list[Entry]) -> None:
+        batch = await self._build(entries)
+        settlement = self.contracts.settlement
+        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        path = self.batch_dir / f"{number}.json"
+        path.write_bytes(batch.file_bytes(self.chain.chain_id, settlement.address, self.node))
+        cid = await self.publish(path)
+        batch_id, receipt = await settlement.commit_batch(self.sender, self.node, batch, cid)
+        await self._confirm(receipt["blockNumber"])
+        await self.journal.transition_batch(number, State.COMMITTED)
+        self.stats.ids[number] = batch_id
+        self.stats.committed += 1
+        self.stats.last_commit_at = self.clock()
+        log.info("submitter: batch %d committed (%d records, %d wei, %s)", batch_id, batch.count, batch.charge, cid)
+
+    async def _confirm(self, block: int) -> None:
+        while await self.chain.w3.eth.block_number < block + self.confirmations - 1:
+            await asyncio.sleep(0.5)
+
+    async def finalize_due(self) -> None:
+        committed = await self.journal.in_state(State.COMMITTED, limit=100_000)
+        now = await self.chain.timestamp()
+        for number in dict.fromkeys(e.batch_id for e in committed):
+            batch_id = self.stats.ids.get(number)
+            if batch_id is None:
+                continue  # recover() maps every committed group; a gap means the chain lost it (reorg)
+            header = await self.contracts.settlement.batch_of(batch_id)
+            if header.status == STATUS_VOIDED:
+                await self.journal.transition_batch(number, State.VOIDED)
+                self.stats.voided += 1
+                log.error("submitter: batch %d was voided on chain", batch_id)
+            elif header.status == STATUS_FINALIZED:
+                await self.journal.transition_batch(number, State.FINALIZED)
+            elif header.committed_at + self.challenge_window <= now:
+                batch = await self._build(await self.journal.batch(number))
+                await self.contracts.settlement.finalize_batch(self.sender, batch_id, batch.totals())
+                await self.journal.transition_batch(number, State.FINALIZED)
+                self.stats.finalized += 1
+                log.info("submitter: batch %d finalized", batch_id)
+
+    # -- restart ---------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Maps journaled batches to the chain's, and commits (again) groups the chain never got."""
+        await self._wait_for_pending()
+        on_chain = await self._committed_roots()
+        groups: dict[int, list[Entry]] = {}
+        for state in (State.BATCHED, State.COMMITTED):
+            for entry in await self.journal.in_state(state, limit=1_000_000):
+                groups.setdefault(entry.batch_id, []).append(entry)
+        for number, entries in groups.items():
+            self._last_number = max(self._last_number, number)
+            root = (await self._build(entries)).payer_tree.root.hash
+            if root in on_chain:
+                self.stats.ids[number] = on_chain[root]
+                if entries[0].state is State.BATCHED:
+                    await self.journal.transition_batch(number, State.COMMITTED)
+            elif entries[0].state is State.BATCHED:
+                log.info("submitter: batch %d never reached the chain; committing it now", number)
+                await self._commit(number, entries)
+            else:
+                raise AttributionError(f"journal batch {number} is COMMITTED but the chain has no such commit")
+
+    async def _wait_for_pending(self, timeout: float = 300.0) -> None:
+        """A commit sent before a crash may still be in the mempool: wait until it is mined (or dropped)."""
+        eth = self.chain.w3.eth
+        deadline = time.monotonic() + timeout
+        while await eth.get_transaction_count(self.sender.address, "pending") > await eth.get_transaction_count(
+            self.sender.address, "latest"
+        ):
+            if time.monotonic() > deadline:
+                raise AttributionError("transactions of the node's sender stay pending; not committing blind")
+            await asyncio.sleep(1.0)
+
+    async def _committed_roots(self) -> dict[bytes, int]:
+        event = self.contracts.settlement.contract.events.BatchCommitted
+        logs = await event.get_logs(from_block=self.from_block, argument_filters={"node": self.node})
+        return {bytes(log["args"]["payerRoot"]): log["args"]["batchId"] for log in logs}
