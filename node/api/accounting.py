@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,7 +40,7 @@ from node.api.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from node.api.keys import ACCOUNTANT
+from node.api.keys import ACCOUNTANT, METRICS
 from node.config import Settings
 
 
@@ -121,6 +122,7 @@ async def authorise(
     try:
         return await accountant.authorise(*signed, body, adapter_cid, input_tokens)
     except RequestRefused as exc:
+        request.app[METRICS].refusals.labels(exc.code).inc()
         raise RefusedError.of(exc) from None
 
 
@@ -135,7 +137,9 @@ async def record(
     if grant is None:
         await accountant.record_free(adapter, text, output_tokens)
         return None
-    return await accountant.record(grant, text, output_tokens)
+    receipt = await accountant.record(grant, text, output_tokens)
+    request.app[METRICS].observe_record(grant.adapter, grant.request.input_tokens, output_tokens, receipt.record.charge)
+    return receipt
 
 
 def release(request: web.Request, grant: Grant | None) -> None:
@@ -281,3 +285,21 @@ def _accountant(request: web.Request) -> Accountant:
             "This node has no chain configured: requests are served unsigned and free.", code="attribution_unavailable"
         )
     return accountant
+
+
+async def sample_metrics(app: web.Application) -> None:
+    """Journal depth, commit lag and the submitter's counters into the metrics, at scrape time."""
+    accountant = app.get(ACCOUNTANT)
+    if accountant is None:
+        return
+    metrics = app[METRICS]
+    for state, count in (await accountant.journal.depth()).items():
+        metrics.journal_entries.labels(state.value).set(count)
+    from attribution.storage import State
+
+    oldest = await accountant.journal.in_state(State.RECORDED, limit=1)
+    metrics.commit_lag.set(time.time() - oldest[0].recorded_at if oldest else 0)
+    stats = accountant.submitter.stats
+    for event, value in (("committed", stats.committed), ("finalized", stats.finalized), ("voided", stats.voided)):
+        metrics.batches.labels(event).set(value)
+    metrics.chain_errors.set(stats.chain_errors)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node.api.accounting import attribution_info, open_accounting, payer_info
+from node.api.accounting import attribution_info, open_accounting, payer_info, sample_metrics
 from node.api.errors import ModelNotFoundError, error_middleware
 from node.api.generation import chat_completions, completions
 from node.api.keys import ACCOUNTANT, ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
@@ -132,6 +132,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    await sample_metrics(request.app)
     text = request.app[METRICS].render(request.app[ENGINE].stats())
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -19,6 +19,8 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 disable_created_metrics()  # no `*_created` series: they double the exposition and no dashboard reads them
 
+MAX_ADAPTER_LABELS = 100
+
 # Status recorded when the client disconnected before the response was complete (nginx's 499).
 CLIENT_CLOSED = "499"
 
@@ -44,6 +46,29 @@ class Metrics:
         self.waiting = Gauge("openlora_requests_waiting", "Sequences queued for admission", registry=r)
         self.kv_blocks_used = Gauge("openlora_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge("openlora_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+        # Attribution (a node with a chain). Adapter labels are bounded: past MAX_ADAPTER_LABELS, "other".
+        self.paid_requests = Counter("openlora_paid_requests", "Signed requests recorded", ["adapter"], registry=r)
+        self.paid_tokens = Counter(
+            "openlora_paid_tokens", "Tokens of signed requests recorded", ["adapter", "kind"], registry=r
+        )
+        self.revenue = Counter(
+            "openlora_charged_wei", "OPEN wei charged by usage records (adapter share and node fee)", ["adapter"],
+            registry=r,
+        )  # fmt: skip
+        self.refusals = Counter("openlora_request_refusals", "Signed requests refused, by code", ["code"], registry=r)
+        self.journal_entries = Gauge(
+            "openlora_journal_entries", "Usage journal entries by state", ["state"], registry=r
+        )
+        self.batches = Gauge(
+            "openlora_batches", "Batches this node committed, finalized, voided", ["event"], registry=r
+        )
+        self.chain_errors = Gauge(
+            "openlora_submitter_errors", "Submitter failures (chain, IPFS) since start", registry=r
+        )
+        self.commit_lag = Gauge(
+            "openlora_commit_lag_seconds", "Age of the oldest record not yet in a batch (0: none waiting)", registry=r
+        )
+        self._adapter_labels: dict[str, str] = {}  # insertion-ordered set of labelled adapters
 
     def watch_adapters(self, stats: Callable[[], dict]) -> None:
         """Export the engine's adapter tiers and refusals, read at every scrape."""
@@ -52,6 +77,23 @@ class Metrics:
     def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
         self.completion_tokens.labels(endpoint).inc(completion_tokens)
+
+    def adapter_label(self, adapter: str) -> str:
+        """The adapter's label ("base" for the base model); the first MAX_ADAPTER_LABELS get their own."""
+        name = adapter or "base"
+        if name in self._adapter_labels:
+            return name
+        if len(self._adapter_labels) >= MAX_ADAPTER_LABELS:
+            return "other"
+        self._adapter_labels[name] = name
+        return name
+
+    def observe_record(self, adapter: str, input_tokens: int, output_tokens: int, charge: int) -> None:
+        label = self.adapter_label(adapter)
+        self.paid_requests.labels(label).inc()
+        self.paid_tokens.labels(label, "input").inc(input_tokens)
+        self.paid_tokens.labels(label, "output").inc(output_tokens)
+        self.revenue.labels(label).inc(charge)
 
     def render(self, engine_stats: Mapping[str, int]) -> bytes:
         """The exposition text, with the engine gauges sampled now."""
