@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -129,6 +130,17 @@ def _devnet_down(args: argparse.Namespace) -> None:
     print("devnet stopped" if down(_settings(args, ("cache_dir",))) else "no devnet is running")
 
 
+def _devnet_provision(args: argparse.Namespace) -> None:
+    from node.devnet import provision
+
+    done = asyncio.run(
+        provision(
+            _settings(args, ("model", "cache_dir")), args.rpc_url, args.ipfs_api_url, args.out, args.node_endpoint
+        )
+    )
+    print(json.dumps({"deployments": str(done.deployments), "adapters": done.adapters, "payer": done.payer}))
+
+
 def _register_devnet(subparsers: argparse._SubParsersAction) -> None:
     devnet = subparsers.add_parser("devnet", help="the whole local network: chain, IPFS, contracts, payer, node")
     commands = devnet.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -139,6 +151,15 @@ def _register_devnet(subparsers: argparse._SubParsersAction) -> None:
     down = commands.add_parser("down", help="stop a running `devnet up` and everything it started")
     _add_settings_flags(down, ("cache_dir",))
     down.set_defaults(run=_devnet_down)
+    provision = commands.add_parser(
+        "provision", help="deploy, stake the node, fund the payer, publish demo adapters into DIR (a dev chain only)"
+    )
+    provision.add_argument("--rpc-url", required=True, help="the dev chain (anvil)")
+    provision.add_argument("--ipfs-api-url", required=True, help="Kubo RPC API to publish the demo adapters to")
+    provision.add_argument("--node-endpoint", required=True, help="the URL the node registers on chain")
+    provision.add_argument("--out", type=Path, required=True, help="directory for keys, deployments, adapter index")
+    _add_settings_flags(provision, ("model", "cache_dir"))
+    provision.set_defaults(run=_devnet_provision)
 
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -90,91 +91,135 @@ async def _fund_and_register(rpc_url: str, keys: list[str], deployments_path: Pa
 
 
 async def _publish_demo_adapters(
-    settings: Settings, model_name: str, keys: list[str], deployments_path: Path
+    settings: Settings, ipfs_api_url: str, index_file: Path, keys: list[str], deployments_path: Path
 ) -> dict[str, str]:
     """Makes (once, cached), publishes and registers the demo adapters; returns name -> CID."""
     from attribution.chain import Chain
     from attribution.deploy import Contracts, Deployments
-    from node.adapters.cli import add_to_index, ipfs_endpoints
+    from node.adapters.cli import add_to_index
     from node.adapters.ipfs import KuboRpcClient, import_directory
     from node.adapters.synthetic import make_random_adapter
+    from node.engine.async_engine import served_name
     from node.engine.prepare import prepare_model
 
     base_dir = prepare_model(settings)
+    base_model = keccak(served_name(settings, base_dir).encode())  # the registry's id of a base model
     owner = Account.from_key(keys[0])
     contributors = [Account.from_key(k).address for k in keys[3:5]]
     cids: dict[str, str] = {}
     chain = await Chain.connect(settings.chain_rpc_url)
     try:
         c = Contracts.attach(chain, Deployments.load(deployments_path))
-        base_model = keccak(model_name.encode())  # the registry's base-model id: keccak256 of its name
-        async with ipfs_endpoints(settings) as (api_url, _):
-            for demo in DEMO_ADAPTERS:
-                directory = settings.cache_dir / "devnet-adapters" / demo.name
-                if not (directory / "adapter_model.safetensors").is_file():
-                    await asyncio.to_thread(make_random_adapter, base_dir, directory, seed=demo.seed)
-                dag = await asyncio.to_thread(import_directory, directory)
-                async with KuboRpcClient(api_url) as client:
-                    await client.dag_import(dag.car_chunks())
-                    await client.pin_add(dag.root)
-                cid = str(dag.root)
-                add_to_index(settings.adapter_index or settings.default_adapter_index, demo.name, cid)
-                if await c.adapters._call("adapterIdOf", cid) == 0:
-                    await c.adapters._send(
-                        owner, "register", cid, base_model, demo.price_in, demo.price_out, contributors,
-                        list(demo.shares_bps),
-                    )  # fmt: skip
-                cids[demo.name] = cid
+        for demo in DEMO_ADAPTERS:
+            directory = settings.cache_dir / "devnet-adapters" / demo.name
+            if not (directory / "adapter_model.safetensors").is_file():
+                await asyncio.to_thread(make_random_adapter, base_dir, directory, seed=demo.seed)
+            dag = await asyncio.to_thread(import_directory, directory)
+            async with KuboRpcClient(ipfs_api_url) as client:
+                await client.dag_import(dag.car_chunks())
+                await client.pin_add(dag.root)
+            cid = str(dag.root)
+            add_to_index(index_file, demo.name, cid)
+            if await c.adapters._call("adapterIdOf", cid) == 0:
+                await c.adapters._send(
+                    owner, "register", cid, base_model, demo.price_in, demo.price_out, contributors,
+                    list(demo.shares_bps),
+                )  # fmt: skip
+            cids[demo.name] = cid
     finally:
         await chain.close()
     return cids
 
 
+@dataclass(frozen=True)
+class Provisioned:
+    """What `provision` wrote into its directory: everything a node and a client need."""
+
+    directory: Path
+    deployments: Path
+    keystore: Path
+    password_file: Path
+    payer_key: Path
+    adapter_index: Path
+    adapters: dict[str, str]
+    payer: str
+
+
+async def provision(
+    settings: Settings, rpc_url: str, ipfs_api_url: str, directory: Path, node_endpoint: str
+) -> Provisioned:
+    """Deploys the contracts to a dev chain, stakes and registers the node, funds the demo payer's escrow,
+    publishes and registers the demo adapters, and writes the node's keystore (V3, random password in a
+    file beside it), the payer's key and the adapter index into `directory`."""
+    from attribution.deploy import DeployConfig, deploy_all
+    from attribution.devchain import dev_private_keys
+    from attribution.keys import DEV_CHAIN_IDS, write_keystore
+
+    keys = dev_private_keys(5)
+    directory.mkdir(parents=True, exist_ok=True)
+    deployments_path = directory / "deployments.json"
+    deployments = await deploy_all(rpc_url, keys[0], DeployConfig(**DEVNET_CONFIG), out=deployments_path)
+    if deployments.chain_id not in DEV_CHAIN_IDS:
+        raise SystemExit(
+            f"openlora: error: devnet provisioning uses well-known keys: chain {deployments.chain_id} is not a dev chain"
+        )
+    await _fund_and_register(rpc_url, keys, deployments_path, node_endpoint)
+    password_file = directory / "node-key.password"
+    password_file.touch(mode=0o600)
+    password_file.write_text(secrets.token_hex(16) + "\n")
+    keystore = directory / "node-key.json"
+    write_keystore(keystore, bytes.fromhex(keys[1].removeprefix("0x")), password_file.read_text().strip())
+    payer_key = directory / "payer.key"
+    payer_key.touch(mode=0o600)
+    payer_key.write_text(keys[2] + "\n")
+    index_file = directory / "adapter-index.json"
+    chain_settings = settings.model_copy(update={"chain_rpc_url": rpc_url})
+    cids = await _publish_demo_adapters(chain_settings, ipfs_api_url, index_file, keys, deployments_path)
+    return Provisioned(
+        directory, deployments_path, keystore, password_file, payer_key, index_file, cids,
+        Account.from_key(keys[2]).address,
+    )  # fmt: skip
+
+
 async def up(settings: Settings, *, chain_port: int | None = None) -> None:
     """Runs the devnet until a signal arrives (see the module docstring)."""
-    from attribution.deploy import DeployConfig, deploy_all
     from attribution.devchain import Anvil
+    from node.adapters.ipfs import LocalIpfsNode
     from node.api.app import create_app
     from node.api.server import start_server
 
     directory = devnet_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
     _refuse_if_running(settings)
+    for stale in directory.glob("journal.sqlite*"):  # a fresh chain: the old journal's records are void
+        stale.unlink()
     anvil = Anvil(port=chain_port)
     await asyncio.to_thread(anvil.start)
     try:
-        keys = anvil.private_keys
-        deployments_path = directory / "deployments.json"
-        await deploy_all(anvil.rpc_url, keys[0], DeployConfig(**DEVNET_CONFIG), out=deployments_path)
-        node_url = f"http://{settings.host}:{settings.port}"
-        await _fund_and_register(anvil.rpc_url, keys, deployments_path, node_url)
-        journal = directory / "journal.sqlite"
-        for stale in directory.glob("journal.sqlite*"):  # a fresh chain: the old journal's records are void
-            stale.unlink()
-        payer_key = directory / "payer.key"
-        payer_key.touch(mode=0o600)
-        payer_key.write_text(keys[2] + "\n")
-        node_settings = settings.model_copy(
-            update={
-                "chain_rpc_url": anvil.rpc_url,
-                "deployments": deployments_path,
-                "node_private_key": keys[1],
-                "journal_path": journal,
-                "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
-            }
-        )
-        app = create_app(node_settings)
-        runner, url = await start_server(app, settings.host, settings.port)
-        try:
-            from node.api.keys import ENGINE, SETTINGS
-
-            cids = await _publish_demo_adapters(app[SETTINGS], app[ENGINE].model_name, keys, deployments_path)
-            _write_state(settings, anvil.rpc_url, url, cids)
-            _print_ready(url, anvil.rpc_url, payer_key, cids, Account.from_key(keys[2]).address)
-            await _wait_for_signal()
-            log.info("devnet: shutting down")
-        finally:
-            await runner.cleanup()
+        async with LocalIpfsNode(settings.ipfs_repo) as ipfs:
+            node_url = f"http://{settings.host}:{settings.port}"
+            done = await provision(settings, anvil.rpc_url, ipfs.api_url, directory, node_url)
+            node_settings = settings.model_copy(
+                update={
+                    "chain_rpc_url": anvil.rpc_url,
+                    "deployments": done.deployments,
+                    "node_keystore": done.keystore,
+                    "node_key_password_file": done.password_file,
+                    "journal_path": directory / "journal.sqlite",
+                    "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
+                    "ipfs_gateways": [ipfs.gateway_url],
+                    "ipfs_api_url": ipfs.api_url,
+                    "adapter_index": done.adapter_index,
+                }
+            )
+            runner, url = await start_server(create_app(node_settings), settings.host, settings.port)
+            try:
+                _write_state(settings, anvil.rpc_url, url, done.adapters)
+                _print_ready(url, anvil.rpc_url, done)
+                await _wait_for_signal()
+                log.info("devnet: shutting down")
+            finally:
+                await runner.cleanup()
     finally:
         anvil.stop()
         state_file(settings).unlink(missing_ok=True)

@@ -43,7 +43,27 @@ def test_compose_node_service(docker_compose: Path):
     node = json.loads(result.stdout)["services"]["node"]
     assert node["build"]["dockerfile"] == "Dockerfile"
     assert [p["target"] for p in node["ports"]] == [8000]
-    assert [v["target"] for v in node["volumes"]] == ["/home/openlora/.cache/openlora"]
+    assert [v["target"] for v in node["volumes"]] == ["/home/openlora/.cache/openlora", "/devnet"]
+
+
+def test_compose_runs_the_whole_local_network(docker_compose: Path):
+    result = subprocess.run(
+        [docker_compose, "-f", ROOT / "docker-compose.yml", "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"node", "ipfs", "chain", "deployer"}
+    assert services["chain"]["image"].startswith("ghcr.io/foundry-rs/foundry:")
+    assert services["node"]["depends_on"]["deployer"]["condition"] == "service_completed_successfully"
+    assert services["deployer"]["depends_on"]["chain"]["condition"] == "service_healthy"
+    assert "devnet provision" in " ".join(services["deployer"]["command"])
+    env = services["node"]["environment"]
+    assert env["OPENLORA_CHAIN_RPC_URL"] == "http://chain:8545"
+    assert env["OPENLORA_NODE_KEYSTORE"].startswith("/devnet/")
+    assert env["OPENLORA_NODE_KEY_PASSWORD_FILE"].startswith("/devnet/")
+    # No raw key anywhere in the topology: the node signs with the keystore the deployer wrote.
+    assert "OPENLORA_NODE_PRIVATE_KEY" not in result.stdout
 
 
 @pytest.mark.parametrize(
