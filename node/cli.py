@@ -167,6 +167,7 @@ def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     from attribution.cli import register_cli as register_chain
     from attribution.client_cli import register_cli as register_client
     from node.adapters.cli import register_cli as register_adapter
+    from node.audit_cli import register_cli as register_audit
 
     return [
         _register_serve,
@@ -174,6 +175,7 @@ def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
         _register_devnet,
         lambda sp: register_adapter(sp, _add_settings_flags),
         register_chain,
+        register_audit,
         lambda sp: register_client(sp, default_tokenizer=_base_model_dir),
     ]
 
