@@ -40,7 +40,7 @@ from node.api.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from node.api.keys import ACCOUNTANT, METRICS
+from node.api.keys import ACCOUNTANT, ENGINE, METRICS
 from node.config import Settings
 
 
@@ -239,11 +239,38 @@ def _publisher(settings: Settings) -> Callable[[Path], Awaitable[str]]:
     return publish
 
 
+async def model_terms(app: web.Application, name: str) -> dict[str, str]:
+    """adapterId, priceIn and priceOut of a model on a chain-backed node ({} elsewhere, or when the adapter
+    is not registered or the chain cannot be read: the listing never fails because of the chain)."""
+    accountant = app.get(ACCOUNTANT)
+    if accountant is None:
+        return {}
+    engine = app[ENGINE]
+    try:
+        adapter_id = 0
+        if name != engine.model_name:
+            cid = adapter_cid(engine, name)
+            if cid is None:  # a local adapter directory: not content-addressed, so not payable
+                return {}
+            adapter_id = await accountant.ledger.adapter_id(cid)
+        terms = await accountant.ledger.terms(adapter_id, accountant.node, int(time.time()))
+    except (LookupError, ChainError, APIError):
+        return {}
+    return {"adapterId": str(adapter_id), "priceIn": str(terms.price_in), "priceOut": str(terms.price_out)}
+
+
 async def attribution_info(request: web.Request) -> web.Response:
     """What a dApp needs to sign for this node: the EIP-712 domain, the node, its record signer, the limits."""
     accountant = _accountant(request)
+    try:
+        fee = (await accountant.ledger.terms(0, accountant.node, int(time.time()))).fee_per_token
+    except ChainError:
+        raise ServiceUnavailableError(
+            "The chain cannot be read right now; retry shortly.", code="chain_unavailable"
+        ) from None
     return web.json_response(
         {
+            "nodeFeePerToken": str(fee),
             "chainId": accountant.domain.chain_id,
             "settlement": accountant.domain.verifying_contract,
             "node": accountant.node,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node.api.accounting import attribution_info, open_accounting, payer_info, sample_metrics
+from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
 from node.api.errors import ModelNotFoundError, error_middleware
 from node.api.generation import chat_completions, completions
 from node.api.keys import ACCOUNTANT, ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
@@ -106,21 +106,21 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
 
 
-def _card(app: web.Application, name: str) -> ModelCard:
-    return ModelCard(id=name, created=app[STARTED_AT])
+async def _card(app: web.Application, name: str) -> ModelCard:
+    return ModelCard(id=name, created=app[STARTED_AT], **await model_terms(app, name))
 
 
 async def list_models(request: web.Request) -> web.Response:
     names = request.app[ENGINE].list_models()
-    body = ModelList(data=[_card(request.app, name) for name in names])
-    return web.json_response(text=body.model_dump_json())
+    body = ModelList(data=[await _card(request.app, name) for name in names])
+    return web.json_response(text=body.model_dump_json(exclude_none=True))
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name not in request.app[ENGINE].list_models():
         raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
-    return web.json_response(text=_card(request.app, name).model_dump_json())
+    return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -146,6 +146,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "openlora"
+    # On a chain-backed node: the registry id (0: the base model) and prices (OPEN wei per token, decimal
+    # strings) a signed request for this model is priced with. Absent elsewhere.
+    adapterId: str | None = None  # noqa: N815 (the wire name)
+    priceIn: str | None = None  # noqa: N815
+    priceOut: str | None = None  # noqa: N815
 
 
 class ModelList(BaseModel):
