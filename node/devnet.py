@@ -21,8 +21,10 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
 from eth_hash.auto import keccak
@@ -60,6 +62,8 @@ class DemoAdapter:
 DEMO_ADAPTERS = (
     DemoAdapter("demo-poet", 1, 2 * 10**12, 5 * 10**12, (7_000, 3_000)),
     DemoAdapter("demo-coder", 2, 3 * 10**12, 8 * 10**12, (5_000, 5_000)),
+    DemoAdapter("demo-lawyer", 3, 5 * 10**12, 9 * 10**12, (9_000, 1_000)),
+    DemoAdapter("demo-chef", 4, 1 * 10**12, 2 * 10**12, (3_333, 6_667)),
 )
 
 
@@ -181,47 +185,73 @@ async def provision(
     )  # fmt: skip
 
 
-async def up(settings: Settings, *, chain_port: int | None = None) -> None:
-    """Runs the devnet until a signal arrives (see the module docstring)."""
+@dataclass
+class LocalNetwork:
+    """A running local network: anvil, an IPFS node, the provisioned contracts and keys, and the node."""
+
+    anvil: Any
+    ipfs: Any
+    provisioned: Provisioned
+    app: Any
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def local_network(
+    settings: Settings,
+    directory: Path,
+    *,
+    chain_port: int | None = None,
+    ipfs_repo: Path | None = None,
+    **node_settings: Any,
+) -> AsyncIterator[LocalNetwork]:
+    """Anvil, an IPFS node, everything provisioned, and the node serving on `settings.host:port` (0: a free
+    port) with its journal in `directory`; all stopped on exit. `node_settings` override the node's."""
     from attribution.devchain import Anvil
     from node.adapters.ipfs import LocalIpfsNode
     from node.api.app import create_app
     from node.api.server import start_server
 
-    directory = devnet_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
-    _refuse_if_running(settings)
-    for stale in directory.glob("journal.sqlite*"):  # a fresh chain: the old journal's records are void
+    for stale in directory.glob("journal.sqlite*"):  # a fresh chain: an old journal's records are void
         stale.unlink()
     anvil = Anvil(port=chain_port)
     await asyncio.to_thread(anvil.start)
     try:
-        async with LocalIpfsNode(settings.ipfs_repo) as ipfs:
-            node_url = f"http://{settings.host}:{settings.port}"
-            done = await provision(settings, anvil.rpc_url, ipfs.api_url, directory, node_url)
-            node_settings = settings.model_copy(
-                update={
-                    "chain_rpc_url": anvil.rpc_url,
-                    "deployments": done.deployments,
-                    "node_keystore": done.keystore,
-                    "node_key_password_file": done.password_file,
-                    "journal_path": directory / "journal.sqlite",
-                    "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
-                    "ipfs_gateways": [ipfs.gateway_url],
-                    "ipfs_api_url": ipfs.api_url,
-                    "adapter_index": done.adapter_index,
-                }
-            )
-            runner, url = await start_server(create_app(node_settings), settings.host, settings.port)
+        async with LocalIpfsNode(ipfs_repo or settings.ipfs_repo) as ipfs:
+            endpoint = f"http://{settings.host}:{settings.port}"
+            done = await provision(settings, anvil.rpc_url, ipfs.api_url, directory, endpoint)
+            update = {
+                "chain_rpc_url": anvil.rpc_url,
+                "deployments": done.deployments,
+                "node_keystore": done.keystore,
+                "node_key_password_file": done.password_file,
+                "journal_path": directory / "journal.sqlite",
+                "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
+                "ipfs_gateways": [ipfs.gateway_url],
+                "ipfs_api_url": ipfs.api_url,
+                "adapter_index": done.adapter_index,
+            }
+            app = create_app(settings.model_copy(update={**update, **node_settings}))
+            runner, url = await start_server(app, settings.host, settings.port)
             try:
-                _write_state(settings, anvil.rpc_url, url, done.adapters)
-                _print_ready(url, anvil.rpc_url, done)
-                await _wait_for_signal()
-                log.info("devnet: shutting down")
+                yield LocalNetwork(anvil, ipfs, done, app, url)
             finally:
                 await runner.cleanup()
     finally:
         anvil.stop()
+
+
+async def up(settings: Settings, *, chain_port: int | None = None) -> None:
+    """Runs the devnet until a signal arrives (see the module docstring)."""
+    _refuse_if_running(settings)
+    try:
+        async with local_network(settings, devnet_dir(settings), chain_port=chain_port) as net:
+            _write_state(settings, net.anvil.rpc_url, net.url, net.provisioned.adapters)
+            _print_ready(net.url, net.anvil.rpc_url, net.provisioned)
+            await _wait_for_signal()
+            log.info("devnet: shutting down")
+    finally:
         state_file(settings).unlink(missing_ok=True)
 
 
