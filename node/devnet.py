@@ -194,6 +194,18 @@ class LocalNetwork:
     provisioned: Provisioned
     app: Any
     url: str
+    settings: Settings
+    runner: Any = None
+
+    async def restart(self) -> None:
+        """Stops the node and starts it again over the same journal (what a crash-free restart does)."""
+        from node.api.app import create_app
+        from node.api.server import start_server
+
+        await self.runner.cleanup()
+        self.app = create_app(self.settings)
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        self.runner, self.url = await start_server(self.app, host, int(port))
 
 
 @contextlib.asynccontextmanager
@@ -232,12 +244,14 @@ async def local_network(
                 "ipfs_api_url": ipfs.api_url,
                 "adapter_index": done.adapter_index,
             }
-            app = create_app(settings.model_copy(update={**update, **node_settings}))
+            node = settings.model_copy(update={**update, **node_settings})
+            app = create_app(node)
             runner, url = await start_server(app, settings.host, settings.port)
+            net = LocalNetwork(anvil, ipfs, done, app, url, node, runner)
             try:
-                yield LocalNetwork(anvil, ipfs, done, app, url)
+                yield net
             finally:
-                await runner.cleanup()
+                await net.runner.cleanup()
     finally:
         anvil.stop()
 

@@ -1,0 +1,172 @@
+"""A chain-backed node through HTTP: signed requests answered with verifiable records, and every refusal
+(status, code) with nothing charged. Real anvil, real IPFS node, the real node and the dApp client library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import aiohttp
+import pytest
+from attribution.caps import CapLedger
+from attribution.client import OpenLoRAClient
+from attribution.storage import State
+
+from attribution.checks import prompt_hash
+from attribution.signing import address_of, sign_request
+from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature
+from node.api.accounting import REQUEST_HEADER, SIGNATURE_HEADER
+from node.api.keys import ACCOUNTANT, ENGINE
+from node.devnet import PAYER_DEPOSIT, LocalNetwork
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+STRANGER_KEY = b"\x42" * 32
+
+
+def payer_key(net: LocalNetwork) -> str:
+    return net.provisioned.payer_key.read_text().strip()
+
+
+def body(net: LocalNetwork, content: str = "Hello", model: str | None = None, max_tokens: int = 4) -> dict:
+    return {
+        "model": model or net.app[ENGINE].model_name,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+async def signed(net: LocalNetwork, payload: dict, key: str | bytes | None = None, **changes) -> tuple[dict, dict]:
+    """A hand-built signed request for `payload` (the base model), valid unless `changes` say otherwise."""
+    accountant = net.app[ACCOUNTANT]
+    key = key or payer_key(net)
+    tokens = len(net.app[ENGINE].tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True))
+    cap = await accountant.journal.highest_cap(address_of(payer_key(net))) + 10**18
+    fields = dict(
+        payer=address_of(payer_key(net)), node=accountant.node, adapter_id=0, prompt_hash=prompt_hash(payload),
+        input_tokens=tokens, max_tokens=payload["max_tokens"], max_charge=10**15, cumulative_cap=cap,
+        deadline=int(time.time()) + 60,
+    )  # fmt: skip
+    domain = changes.pop("domain", accountant.domain)
+    fields.update(changes)
+    request = InferenceRequest(**fields)
+    signature = sign_request(request, domain, key)
+    return payload, {REQUEST_HEADER: json.dumps(request.to_wire()), SIGNATURE_HEADER: signature.to_hex()}
+
+
+async def post(net: LocalNetwork, payload: dict, headers: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{net.url}/v1/chat/completions", json=payload, headers=headers) as response:
+            return response.status, await response.json()
+
+
+async def test_client_library_pays_and_verifies(net: LocalNetwork, tmp_path) -> None:
+    journal = net.app[ACCOUNTANT].journal
+    before = (await journal.depth())[State.RECORDED]
+    async with OpenLoRAClient(
+        net.url, payer_key(net), tokenizer=net.settings.model, ledger=CapLedger(tmp_path / "caps.json")
+    ) as client:
+        for model in [*net.provisioned.adapters, net.app[ENGINE].model_name]:
+            answer = await client.chat(model, [{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+            assert answer.record.output_tokens <= 3 and answer.record.charge > 0
+            stream = client.stream_chat(model, [{"role": "user", "content": "Yo"}], max_tokens=3, temperature=0)
+            text = "".join([delta async for delta in stream])
+            assert stream.answer.text == text
+    assert (await journal.depth())[State.RECORDED] == before + 2 * (len(net.provisioned.adapters) + 1)
+
+
+async def test_raw_signed_request_carries_the_record(net: LocalNetwork) -> None:
+    payload, headers = await signed(net, body(net))
+    status, answer = await post(net, payload, headers)
+    assert status == 200, answer
+    receipt = answer["openlora"]
+    request = InferenceRequest.from_wire(receipt["request"])
+    assert receipt["record"]["requestDigest"] == "0x" + request.digest(net.app[ACCOUNTANT].domain).hex()
+    assert int(receipt["record"]["outputTokens"]) == answer["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "code"),
+    [
+        ({"node": "0x" + "11" * 20}, 403, "wrong_node"),
+        ({"deadline": 1}, 401, "request_expired"),
+        ({"deadline": 2**40}, 422, "deadline_too_far"),
+        ({"prompt_hash": b"\x01" * 32}, 422, "prompt_hash_mismatch"),
+        ({"input_tokens": 1}, 422, "input_tokens_mismatch"),
+        ({"adapter_id": 1}, 422, "adapter_mismatch"),
+        ({"max_charge": 1}, 402, "max_charge_too_low"),
+        ({"max_charge": PAYER_DEPOSIT + 1, "cumulative_cap": 10**30}, 402, "insufficient_escrow"),
+        ({"max_charge": 0}, 422, "invalid_interval"),
+        ({"domain": Domain(1, "0x" + "33" * 20)}, 401, "signer_not_authorized"),  # another chain's domain
+    ],
+    ids=[
+        "wrong-node",
+        "expired",
+        "deadline-too-far",
+        "prompt-hash",
+        "input-tokens",
+        "adapter",
+        "max-charge",
+        "escrow",
+        "empty-interval",
+        "other-chain",
+    ],  # fmt: skip
+)
+async def test_refusals_charge_nothing(net: LocalNetwork, changes: dict, status: int, code: str) -> None:
+    journal = net.app[ACCOUNTANT].journal
+    depth = await journal.depth()
+    payload, headers = await signed(net, body(net), **changes)
+    got, answer = await post(net, payload, headers)
+    assert (got, answer["error"]["code"]) == (status, code), answer
+    assert await journal.depth() == depth
+
+
+async def test_strangers_and_malformed_signatures(net: LocalNetwork) -> None:
+    payload, headers = await signed(net, body(net), key=STRANGER_KEY)
+    status, answer = await post(net, payload, headers)
+    assert (status, answer["error"]["code"]) == (401, "signer_not_authorized")
+    payload, headers = await signed(net, body(net))
+    good = Signature.from_hex(headers[SIGNATURE_HEADER])
+    high_s = Signature(55 - good.v, good.r, (SECP256K1_N - int.from_bytes(good.s, "big")).to_bytes(32, "big"))
+    status, answer = await post(net, payload, {**headers, SIGNATURE_HEADER: high_s.to_hex()})
+    assert (status, answer["error"]["code"]) == (401, "invalid_signature")
+    compact = {**headers, SIGNATURE_HEADER: "0x" + good.to_bytes()[:64].hex()}
+    status, answer = await post(net, payload, compact)
+    assert (status, answer["error"]["code"]) == (401, "invalid_signature")
+    status, answer = await post(net, payload, {})
+    assert (status, answer["error"]["code"]) == (401, "signature_required")
+
+
+async def test_replay_refused_also_after_a_restart(net: LocalNetwork) -> None:
+    payload, headers = await signed(net, body(net))
+    assert (await post(net, payload, headers))[0] == 200
+    status, answer = await post(net, payload, headers)
+    assert (status, answer["error"]["code"]) == (409, "request_conflict")
+    overlapping = InferenceRequest.from_wire(json.loads(headers[REQUEST_HEADER]))
+    overlapping = dataclasses.replace(overlapping, cumulative_cap=overlapping.cumulative_cap + 1)
+    await net.restart()
+    status, answer = await post(net, payload, headers)
+    assert (status, answer["error"]["code"]) == (409, "request_conflict")
+    payload, headers = await signed(net, body(net), cumulative_cap=overlapping.cumulative_cap)
+    status, answer = await post(net, payload, headers)
+    assert (status, answer["error"]["code"]) == (409, "request_conflict")
+
+
+async def test_models_and_attribution_endpoints(net: LocalNetwork) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{net.url}/v1/models") as response:
+            models = {m["id"]: m for m in (await response.json())["data"]}
+        async with http.get(f"{net.url}/v1/attribution") as response:
+            info = await response.json()
+        payer = address_of(payer_key(net))
+        async with http.get(f"{net.url}/v1/attribution/payers/{payer}") as response:
+            position = await response.json()
+        async with http.get(f"{net.url}/v1/attribution/payers/nope") as response:
+            assert response.status == 400
+    for name in net.provisioned.adapters:
+        assert int(models[name]["adapterId"]) > 0 and int(models[name]["priceOut"]) > 0
+    assert models[net.app[ENGINE].model_name]["adapterId"] == "0"
+    assert info["node"] == net.app[ACCOUNTANT].node and int(info["nodeFeePerToken"]) > 0
+    assert int(position["available"]) <= PAYER_DEPOSIT
