@@ -166,8 +166,10 @@ class Auditor:
     async def _committed_totals(self, log: Any) -> tuple[list[tuple[str, int]], list[tuple[int, int, int]]]:
         tx = await self.settlement.chain.w3.eth.get_transaction(log["transactionHash"])
         _, params = self.settlement.contract.decode_function_input(tx["input"])
-        payers, adapters = params["totals"]
-        return [(to_checksum_address(p), a) for p, a in payers], [tuple(entry) for entry in adapters]
+        totals = params["totals"]  # web3 decodes structs as dicts keyed by member name
+        payers = [(to_checksum_address(e["payer"]), e["amount"]) for e in totals["payers"]]
+        adapters = [(e["adapterId"], e["termsVersion"], e["amount"]) for e in totals["adapters"]]
+        return payers, adapters
 
     @staticmethod
     def _check_totals(batch_id: int, batch: Batch, report: AuditReport) -> None:

@@ -42,9 +42,9 @@ DEVNET_CONFIG = {
     "notice_period": 1_200,
     "thaw_period": 1_200,
     "unbonding_delay": 600,
-    "batch_interval": 30,
     "min_stake": 100 * OPEN,
 }
+BATCH_INTERVAL = 30.0  # the devnet node commits every 30 s
 NODE_STAKE = 10_000 * OPEN
 NODE_FEE_PER_TOKEN = 10**12  # 0.000001 OPEN per token
 PAYER_DEPOSIT = 1_000 * OPEN
@@ -239,7 +239,7 @@ async def local_network(
                 "node_keystore": done.keystore,
                 "node_key_password_file": done.password_file,
                 "journal_path": directory / "journal.sqlite",
-                "batch_interval": float(DEVNET_CONFIG["batch_interval"]),
+                "batch_interval": BATCH_INTERVAL,
                 "ipfs_gateways": [ipfs.gateway_url],
                 "ipfs_api_url": ipfs.api_url,
                 "adapter_index": done.adapter_index,

@@ -19,5 +19,5 @@ async def net(tiny_model_dir: Path, tmp_path_factory) -> AsyncIterator[LocalNetw
         port=0, model=str(tiny_model_dir), served_model_name="tiny", cache_dir=work / "cache", num_kv_blocks=256,
         max_loras=4, dtype="float32",
     )  # fmt: skip
-    async with local_network(settings, work / "devnet", ipfs_repo=work / "ipfs", batch_interval=3600.0) as network:
+    async with local_network(settings, work / "devnet", ipfs_repo=work / "ipfs", batch_interval=300.0) as network:
         yield network
