@@ -6,6 +6,12 @@ and terms versions). Entries live `ttl` seconds (2 s by default), so a withdrawa
 revocation is seen within `ttl` — well inside the protocol's margins (the thaw and notice periods exceed the
 maximum request lifetime plus the commit delay). Escrow is counted as balance minus thawing: thawing funds may
 leave before the node commits, so it never serves against them.
+
+When the chain cannot be read, a value read within the last `max_stale` seconds (60 by default) is used
+instead: serving goes on through a short RPC outage. That is safe because what these reads guard moves
+slowly and only in the node's favour within that time: escrow leaves an account only by a withdrawal that
+thawed for `thawPeriod` (far longer), a revocation takes `noticePeriod`, a terms change `noticePeriod`,
+and the node's own uncommitted charges are counted from its journal, not from the chain.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from attribution.checks import SignerStatus, Terms
-from attribution.errors import ChainError
+from attribution.errors import ChainError, ContractRevert
 
 T = TypeVar("T")
 
@@ -23,21 +29,35 @@ T = TypeVar("T")
 class ChainLedger:
     """`attribution.accounting.Ledger` over a deployment's contracts (`attribution.deploy.Contracts`)."""
 
-    def __init__(self, contracts: Any, *, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, contracts: Any, *, ttl: float = 2.0, max_stale: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.contracts = contracts
         self.ttl = ttl
+        self.max_stale = max_stale
         self.clock = clock
-        self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}  # key -> (read at, value)
+        self.stale_reads = 0  # answers served from an expired entry because the chain could not be read
 
     async def _cached(self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]]) -> T:
         now = self.clock()
         hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        value = await read()
+        try:
+            value = await read()
+        except ContractRevert:
+            raise
+        except Exception as exc:  # connection refused, timeouts, bad gateways: the chain is unreachable
+            if hit is not None and now - hit[0] < self.max_stale:
+                self.stale_reads += 1
+                return hit[1]
+            if isinstance(exc, ChainError):
+                raise
+            raise ChainError(f"cannot read the chain: {type(exc).__name__}") from exc
         if len(self._cache) > 100_000:  # bounded: drop everything rather than track per-key age
             self._cache.clear()
-        self._cache[key] = (now + self.ttl, value)
+        self._cache[key] = (now, value)
         return value
 
     async def signer_status(self, payer: str, signer: str) -> SignerStatus | None:
