@@ -215,10 +215,12 @@ async def local_network(
     *,
     chain_port: int | None = None,
     ipfs_repo: Path | None = None,
+    serve: bool = True,
     **node_settings: Any,
 ) -> AsyncIterator[LocalNetwork]:
     """Anvil, an IPFS node, everything provisioned, and the node serving on `settings.host:port` (0: a free
-    port) with its journal in `directory`; all stopped on exit. `node_settings` override the node's."""
+    port) with its journal in `directory`; all stopped on exit. `node_settings` override the node's. With
+    `serve=False` no node is started: the yielded network's `settings` say how to run one (as a process)."""
     from attribution.devchain import Anvil
     from node.adapters.ipfs import LocalIpfsNode
     from node.api.app import create_app
@@ -245,6 +247,9 @@ async def local_network(
                 "adapter_index": done.adapter_index,
             }
             node = settings.model_copy(update={**update, **node_settings})
+            if not serve:
+                yield LocalNetwork(anvil, ipfs, done, None, "", node)
+                return
             app = create_app(node)
             runner, url = await start_server(app, settings.host, settings.port)
             net = LocalNetwork(anvil, ipfs, done, app, url, node, runner)
