@@ -39,7 +39,11 @@ class ChainLedger:
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}  # key -> (read at, value)
         self.stale_reads = 0  # answers served from an expired entry because the chain could not be read
 
-    async def _cached(self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]]) -> T:
+    async def _cached(
+        self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]], family: tuple[Any, ...] | None = None
+    ) -> T:
+        """`read()` at most every `ttl` seconds per key. While the chain is unreachable, the last value read
+        under `key` (or, for time-keyed reads, under its `family`) within `max_stale` seconds stands in."""
         now = self.clock()
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.ttl:
@@ -49,15 +53,18 @@ class ChainLedger:
         except ContractRevert:
             raise
         except Exception as exc:  # connection refused, timeouts, bad gateways: the chain is unreachable
-            if hit is not None and now - hit[0] < self.max_stale:
+            last = hit if hit is not None else self._cache.get(family) if family is not None else None
+            if last is not None and now - last[0] < self.max_stale:
                 self.stale_reads += 1
-                return hit[1]
+                return last[1]
             if isinstance(exc, ChainError):
                 raise
             raise ChainError(f"cannot read the chain: {type(exc).__name__}") from exc
         if len(self._cache) > 100_000:  # bounded: drop everything rather than track per-key age
             self._cache.clear()
         self._cache[key] = (now, value)
+        if family is not None:
+            self._cache[family] = (now, value)
         return value
 
     async def signer_status(self, payer: str, signer: str) -> SignerStatus | None:
@@ -95,7 +102,7 @@ class ChainLedger:
                 raise ChainError(f"node {node} has no fee in force at {at}: is it registered?")
             return fee_per_token
 
-        fee_per_token = await self._cached(("fee", node, at), fee)
+        fee_per_token = await self._cached(("fee", node, at), fee, family=("fee", node))
         if adapter_id == 0:
             return Terms(0, 0, 0, fee_per_token)
 
@@ -107,5 +114,7 @@ class ChainLedger:
                 raise LookupError(adapter_id)
             return number, price_in, price_out
 
-        number, price_in, price_out = await self._cached(("terms", adapter_id, at), version)
+        number, price_in, price_out = await self._cached(
+            ("terms", adapter_id, at), version, family=("terms", adapter_id)
+        )
         return Terms(number, price_in, price_out, fee_per_token)
