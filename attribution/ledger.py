@@ -38,6 +38,7 @@ class ChainLedger:
         self.clock = clock
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}  # key -> (read at, value)
         self.stale_reads = 0  # answers served from an expired entry because the chain could not be read
+        self._down_until = 0.0  # after a failed read, recent values answer without trying the chain again
 
     async def _cached(
         self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]], family: tuple[Any, ...] | None = None
@@ -48,15 +49,20 @@ class ChainLedger:
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
+        last = hit if hit is not None else self._cache.get(family) if family is not None else None
+        usable = last is not None and now - last[0] < self.max_stale
+        if usable and now < self._down_until:  # the chain failed a moment ago: don't wait on it again
+            self.stale_reads += 1
+            return last[1]  # type: ignore[index]
         try:
             value = await read()
         except ContractRevert:
             raise
         except Exception as exc:  # connection refused, timeouts, bad gateways: the chain is unreachable
-            last = hit if hit is not None else self._cache.get(family) if family is not None else None
-            if last is not None and now - last[0] < self.max_stale:
+            self._down_until = self.clock() + self.ttl
+            if usable:
                 self.stale_reads += 1
-                return last[1]
+                return last[1]  # type: ignore[index]
             if isinstance(exc, ChainError):
                 raise
             raise ChainError(f"cannot read the chain: {type(exc).__name__}") from exc
