@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import pytest
+from web3 import AsyncWeb3
 
 from attribution.chain import Chain
 from attribution.deploy import Contracts
+from attribution.devchain import free_port
 from attribution.errors import ChainError
 from attribution.ledger import ChainLedger
 from tests.attribution.helpers import World
@@ -20,13 +22,15 @@ class Clock:
         return self.now
 
 
-async def test_cache_ttl_outage_and_staleness(world: World, anvil) -> None:
+async def test_cache_ttl_outage_and_staleness(world: World) -> None:
     clock = Clock()
-    chain = await Chain.connect(anvil.rpc_url)
-    ledger = ChainLedger(Contracts.attach(chain, world.deployments), ttl=2.0, max_stale=60.0, clock=clock)
+    ledger = ChainLedger(world.c, ttl=2.0, max_stale=60.0, clock=clock)
     payer, node = world.payer_a.address, world.node.address
     first = await ledger.escrow_available(payer, node)
-    await chain.close()  # from here every read of the chain fails
+    assert first > 0
+    # From here the ledger talks to a port where no chain listens: every read fails.
+    dead = Chain(AsyncWeb3(AsyncWeb3.AsyncHTTPProvider(f"http://127.0.0.1:{free_port()}")), world.chain.chain_id)
+    ledger.contracts = Contracts.attach(dead, world.deployments)
     clock.now += 1.0
     assert await ledger.escrow_available(payer, node) == first  # within the TTL: no read at all
     clock.now += 30.0
@@ -37,3 +41,4 @@ async def test_cache_ttl_outage_and_staleness(world: World, anvil) -> None:
         await ledger.escrow_available(payer, node)
     with pytest.raises(ChainError):  # never read: nothing to fall back on
         await ledger.escrow_available(world.payer_b.address, node)
+    await dead.close()
