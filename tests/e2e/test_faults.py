@@ -38,10 +38,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="function")]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_settings(tiny_model_dir: Path, work: Path, **extra) -> Settings:
+def tiny_settings(tiny_model_dir: Path, work: Path, port: int = 0) -> Settings:
     return Settings(
-        port=0, model=str(tiny_model_dir), served_model_name="tiny", cache_dir=work / "cache", num_kv_blocks=512,
-        max_loras=4, dtype="float32", **extra,
+        port=port, model=str(tiny_model_dir), served_model_name="tiny", cache_dir=work / "cache", num_kv_blocks=512,
+        max_loras=4, dtype="float32",
     )  # fmt: skip
 
 
