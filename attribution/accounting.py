@@ -22,14 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from eth_hash.auto import keccak
-
 from attribution import checks
 from attribution.checks import RequestRefused, SignerStatus, Terms
 from attribution.errors import ChainError, IntervalConflict
 from attribution.signing import address_of, sign_usage_record
 from attribution.storage import Usage
 from attribution.types import BASE_MODEL_ADAPTER_ID, Domain, InferenceRequest, Signature, UsageRecord
+from attribution.wire import Receipt, response_hash
 
 
 class Ledger(Protocol):
@@ -62,32 +61,6 @@ class Grant:
     @property
     def max_tokens(self) -> int:
         return self.request.max_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """The signed record of one answer, as journaled and returned to the client."""
-
-    grant: Grant
-    record: UsageRecord
-    signature: Signature
-    node: str
-    signer: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "request": self.grant.request.to_wire(),
-            "requestSignature": self.grant.signature.to_hex(),
-            "record": self.record.to_wire(),
-            "signature": self.signature.to_hex(),
-            "node": self.node,
-            "signer": self.signer,
-        }
-
-
-def response_hash(text: str) -> bytes:
-    """keccak256 of the UTF-8 answer text (chat: the assistant content; completions: the text)."""
-    return keccak(text.encode())
 
 
 class Accountant:
@@ -221,7 +194,9 @@ class Accountant:
             response_hash=response_hash(text),
             served_at=grant.accepted_at,
         )
-        receipt = Receipt(grant, record, sign_usage_record(record, self.domain, self._key), self.node, self.signer)
+        receipt = Receipt(
+            request, grant.signature, record, sign_usage_record(record, self.domain, self._key), self.node, self.signer
+        )
         try:
             await self.journal.append(Usage(request, grant.signature, record, receipt.signature, grant.adapter))
         finally:

@@ -38,7 +38,12 @@ class Chain:
 
     @classmethod
     async def connect(cls, rpc_url: str, timeout: float = 10.0) -> Chain:
-        w3 = AsyncWeb3(AsyncWeb3.AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        # No web3 retries: the submitter backs off on its own and the node's ledger serves recent values
+        # through an outage; retrying inside each read only stalls them (seconds per call).
+        provider = AsyncWeb3.AsyncHTTPProvider(
+            rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
+        )
+        w3 = AsyncWeb3(provider)
         try:
             chain_id = await w3.eth.chain_id
         except Exception as exc:  # connection refused, DNS, timeouts, bad JSON: one user-facing error

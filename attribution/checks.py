@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import rfc8785
-from eth_hash.auto import keccak
-
-from attribution.errors import AttributionError, SignatureError
+from attribution.errors import AttributionError, RequestBuildError, SignatureError
 from attribution.signing import recover
 from attribution.types import Domain, InferenceRequest, Signature
+from attribution.wire import prompt_hash
 
 
 class RequestRefused(AttributionError, PermissionError):
@@ -60,12 +58,6 @@ class Terms:
         """(adapterAmount, charge) exactly as the settlement contract recomputes them."""
         adapter_amount = self.price_in * input_tokens + self.price_out * output_tokens
         return adapter_amount, adapter_amount + self.fee_per_token * (input_tokens + output_tokens)
-
-
-def prompt_hash(body: bytes | str | dict) -> bytes:
-    """keccak256 of the RFC 8785 canonical JSON of a request body (what the payer signs as `promptHash`)."""
-    document = json.loads(body) if isinstance(body, bytes | str) else body
-    return keccak(rfc8785.dumps(document))
 
 
 def check_signature(request: InferenceRequest, signature: Signature, domain: Domain) -> str:
@@ -136,7 +128,11 @@ def check_interval(request: InferenceRequest) -> None:
 
 def check_prompt_hash(request: InferenceRequest, body: bytes) -> None:
     """The signed promptHash is the hash of this very body (the signature covers what is generated)."""
-    if prompt_hash(body) != request.prompt_hash:
+    try:
+        matches = prompt_hash(json.loads(body)) == request.prompt_hash
+    except (ValueError, RequestBuildError):  # not JSON, or JSON that RFC 8785 cannot carry exactly
+        matches = False
+    if not matches:
         raise RequestRefused(
             "prompt_hash",
             "promptHash does not match keccak256 of the RFC 8785 canonical JSON of the request body.",

@@ -27,11 +27,12 @@ from aiohttp import web
 from eth_account import Account
 from eth_utils import is_hex_address, to_checksum_address
 
-from attribution.accounting import Accountant, Grant, Receipt
+from attribution.accounting import Accountant, Grant
 from attribution.checks import RequestRefused
 from attribution.errors import AttributionError, ChainError, SignatureError
 from attribution.signing import address_of
 from attribution.types import Domain, InferenceRequest, Signature
+from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, Receipt
 from node.adapters.ipfs_source import IpfsAdapterSource
 from node.api.errors import (
     APIError,
@@ -47,9 +48,6 @@ from node.config import Settings
 class ConfigurationError(AttributionError, ValueError):
     """The node's attribution settings are incomplete (a start-up error: one clear line, exit 1)."""
 
-
-REQUEST_HEADER = "X-OpenLoRA-Request"
-SIGNATURE_HEADER = "X-OpenLoRA-Signature"
 
 _TYPES = {401: "authentication_error", 403: "permission_error"}
 
@@ -152,12 +150,11 @@ def release(request: web.Request, grant: Grant | None) -> None:
 @asynccontextmanager
 async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
     """Connects to the chain named by the settings and opens the journal; yields the node's accountant."""
-    from attribution.storage import SqliteJournal
-
     from attribution.chain import Chain
     from attribution.deploy import Contracts, Deployments
     from attribution.keys import load_keystore, parse_raw_key, read_password
     from attribution.ledger import ChainLedger
+    from attribution.storage import SqliteJournal
     from attribution.submitter import Submitter
 
     if settings.deployments is None:

@@ -21,6 +21,7 @@ import jinja2
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from attribution.wire import RECEIPT_EVENT_OBJECT, RECEIPT_FIELD
 from node.api import accounting
 from node.api.errors import (
     ContextLengthExceededError,
@@ -245,7 +246,7 @@ async def _complete(
                 receipt = await accounting.record(request, grant, adapter or "", text, usage.completion_tokens)
                 body = fmt.body(text, _finish_name(run.last), usage).model_dump(mode="json")
                 if receipt is not None:
-                    body["openlora"] = receipt.to_wire()
+                    body[RECEIPT_FIELD] = receipt.to_json()
                 return web.json_response(body, dumps=_dumps)
             # Wait for the first token before sending headers: a failure up to here is a plain error status.
             out = await anext(outputs, None)
@@ -274,7 +275,7 @@ async def _complete(
         await _send(response, fmt.usage(usage))
     if receipt is not None:
         await response.write(
-            b"data: " + _dumps({"object": "openlora.usage_record", "openlora": receipt.to_wire()}).encode() + b"\n\n"
+            b"data: " + _dumps({"object": RECEIPT_EVENT_OBJECT, RECEIPT_FIELD: receipt.to_json()}).encode() + b"\n\n"
         )
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

@@ -7,10 +7,9 @@ import json
 import aiohttp
 import pytest
 
-from attribution.checks import prompt_hash
 from attribution.signing import address_of, sign_request
 from attribution.types import Domain, InferenceRequest
-from node.api.accounting import REQUEST_HEADER, SIGNATURE_HEADER
+from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, prompt_hash
 from tests.api.conftest import Node, chat_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -10,12 +10,13 @@ import dataclasses
 import json
 
 import pytest
-from attribution.storage import MemoryJournal, State
 
-from attribution.accounting import Accountant, response_hash
-from attribution.checks import RequestRefused, SignerStatus, Terms, prompt_hash
+from attribution.accounting import Accountant
+from attribution.checks import RequestRefused, SignerStatus, Terms
 from attribution.signing import address_of, recover, sign_request
+from attribution.storage import MemoryJournal, State
 from attribution.types import Domain, InferenceRequest
+from attribution.wire import prompt_hash, response_hash
 
 NODE_KEY = b"\x0a" * 32
 PAYER_KEY = b"\x0b" * 32
@@ -58,7 +59,7 @@ def accountant(ledger: FixedLedger | None = None) -> Accountant:
 
 def request(cap: int = 1_000, max_charge: int = 1_000, **changes) -> InferenceRequest:
     fields = dict(
-        payer=address_of(PAYER_KEY), node=address_of(NODE_KEY), adapter_id=7, prompt_hash=prompt_hash(BODY),
+        payer=address_of(PAYER_KEY), node=address_of(NODE_KEY), adapter_id=7, prompt_hash=prompt_hash(json.loads(BODY)),
         input_tokens=12, max_tokens=100, max_charge=max_charge, cumulative_cap=cap, deadline=NOW + 60,
     )  # fmt: skip
     fields.update(changes)
@@ -84,7 +85,7 @@ async def test_grant_record_and_journal() -> None:
     entry = await acc.journal.get(record.request_digest)
     assert entry is not None and entry.state is State.RECORDED
     assert await acc.journal.uncommitted_charge(grant.request.payer) == record.charge
-    wire = receipt.to_wire()
+    wire = receipt.to_json()
     assert wire["record"]["charge"] == str(record.charge) and wire["signer"] == address_of(NODE_KEY)
 
 

@@ -14,6 +14,7 @@ from attribution import checks
 from attribution.checks import RequestRefused, SignerStatus, Terms
 from attribution.signing import address_of, sign_request
 from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature
+from attribution.wire import prompt_hash
 
 PAYER_KEY = b"\x01" * 32
 SIGNER_KEY = b"\x02" * 32
@@ -25,7 +26,7 @@ BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi
 
 def make(**changes) -> InferenceRequest:
     fields = dict(
-        payer=address_of(PAYER_KEY), node=NODE, adapter_id=3, prompt_hash=checks.prompt_hash(BODY), input_tokens=10,
+        payer=address_of(PAYER_KEY), node=NODE, adapter_id=3, prompt_hash=prompt_hash(json.loads(BODY)), input_tokens=10,
         max_tokens=20, max_charge=1_000, cumulative_cap=5_000, deadline=NOW + 60,
     )  # fmt: skip
     fields.update(changes)
@@ -105,7 +106,7 @@ def test_interval_boundaries(max_charge: int, cap: int, ok: bool) -> None:
 def test_prompt_hash_is_over_canonical_json() -> None:
     reordered = json.dumps(json.loads(BODY), indent=2, sort_keys=True).encode()
     checks.check_prompt_hash(make(), reordered)  # key order and whitespace do not matter
-    assert checks.prompt_hash(BODY) == keccak(rfc8785.dumps(json.loads(BODY)))
+    assert prompt_hash(json.loads(BODY)) == keccak(rfc8785.dumps(json.loads(BODY)))
     changed = BODY.replace(b'"hi"', b'"hi!"')
     error = refused(checks.check_prompt_hash, make(), changed)
     assert (error.status, error.code) == (422, "prompt_hash_mismatch")

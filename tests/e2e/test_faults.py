@@ -14,20 +14,20 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from attribution.aggregation import BatchLeaf, Voucher, build_batch
-from attribution.caps import CapLedger
-from attribution.client import OpenLoRAClient
-from attribution.storage import SqliteJournal, State
 from eth_account import Account
 
+from attribution.aggregation import BatchLeaf, Voucher, build_batch
 from attribution.auditor import Auditor
+from attribution.caps import CapLedger
 from attribution.chain import Chain
-from attribution.checks import prompt_hash
+from attribution.client import OpenLoRAClient
 from attribution.deploy import Contracts, Deployments
 from attribution.devchain import dev_private_keys, free_port
 from attribution.keys import load_keystore
 from attribution.signing import address_of, sign_request, sign_usage_record
+from attribution.storage import SqliteJournal, State
 from attribution.types import InferenceRequest, UsageRecord
+from attribution.wire import prompt_hash
 from node.adapters.ipfs import fetch_verified
 from node.api.keys import ACCOUNTANT, ENGINE
 from node.config import Settings

@@ -9,15 +9,14 @@ import time
 
 import aiohttp
 import pytest
+
 from attribution.caps import CapLedger
 from attribution.client import OpenLoRAClient
+from attribution.signing import address_of, sign_request
 from attribution.storage import State
 from attribution.tokens import InputTokenCounter
-
-from attribution.checks import prompt_hash
-from attribution.signing import address_of, sign_request
 from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature
-from node.api.accounting import REQUEST_HEADER, SIGNATURE_HEADER
+from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, prompt_hash
 from node.api.keys import ACCOUNTANT, ENGINE
 from node.devnet import PAYER_DEPOSIT, LocalNetwork
 
