@@ -37,8 +37,10 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 
 from attribution.aggregation import Batch, BatchLeaf, Voucher, build_batch
-from attribution.errors import AttributionError
+from attribution.errors import AttributionError, SignatureError
+from attribution.signing import recover
 from attribution.storage import Entry, State
+from attribution.types import Domain
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,10 @@ class Submitter:
         self.challenge_window = challenge_window
         self.confirmations = confirmations
         self.margin = margin
-        self.from_block = from_block  # the deployment's block: where this node's BatchCommitted events start
+        self.from_block = from_block
+        self.domain = Domain(
+            self.chain.chain_id, contracts.settlement.address
+        )  # the deployment's block: where this node's BatchCommitted events start
         self.clock = clock
         self.stats = SubmitterStats()
         self._last_number = 0
@@ -176,12 +181,27 @@ class Submitter:
         vouchers: dict[str, Voucher] = {}
         for payer in {leaf.request.payer for leaf in leaves}:
             best = await self.journal.voucher(payer)
-            if best is not None:
+            # The payer's own signature never expires; a signer's may have been revoked since, and a voucher
+            # the contract refuses would sink the whole commit. Then the batch's own best request serves.
+            if best is not None and self._signed_by_payer(best.usage.request, best.usage.request_signature):
                 vouchers[payer] = Voucher(best.usage.request, best.usage.request_signature)
         return build_batch(leaves, vouchers)
 
+    def _signed_by_payer(self, request: Any, signature: Any) -> bool:
+        try:
+            return recover(request.digest(self.domain), signature) == request.payer
+        except SignatureError:
+            return False
+
     async def commit_next(self) -> None:
         entries = await self.journal.in_state(State.RECORDED, limit=self.max_records)
+        # A record served "after" the chain's clock would read as served after its commit (a node clock
+        # running ahead of the block producers'): such records wait for the chain to catch up.
+        chain_now = (await self.chain.w3.eth.get_block("pending"))["timestamp"]
+        entries = [e for e in entries if e.usage.record.served_at <= chain_now]
+        if not entries:
+            await asyncio.sleep(1.0)
+            return
         number = self._next_number()
         await self.journal.transition([e.usage.digest for e in entries], State.BATCHED, batch_id=number)
         await self._commit(number, entries)
