@@ -1,5 +1,12 @@
 """What attribution costs the node (issue 10), one section per part; the last line is machine-readable.
 
+node: the same chat workload (concurrent requests round-robin over the demo adapters and the base model,
+greedy, EOS ignored, a fixed number of new tokens) against a chain-backed node with signed requests (the dApp
+client signs each request and verifies each usage record; the node checks, prices, signs, journals with
+fsync, batches and commits on a real anvil) and against the same node without a chain (records off, the plain
+`openai` client). Each system runs in its own node process lifetime (one engine at a time: two OpenMP pools
+slow each other), interleaved over repeats; medians. The bundled SmolLM2-135M-Instruct unless --model.
+
 journal: signed usage entries appended to a fresh `SqliteJournal` (WAL, synchronous=FULL: every
 commit is fsynced) by concurrent appenders, asyncio tasks or threads, each waiting for its entry to
 be durable before appending the next; group commit batches them into one transaction and one fsync.
@@ -8,9 +15,10 @@ record, as a handler that commits its own record would do. Systems are interleav
 (the disk and the 2 CPUs are shared, so noise hits all alike); medians are reported. Entries are
 built before timing, with random signature bytes (the journal stores signatures, it does not check them).
 
-    RESULT journal_records_per_s=<records/s, 64 asyncio appenders>     (target: >= 5000)
+    RESULT attribution_overhead=<1 - signed tokens/s / open tokens/s>   (target: <= 0.03)
+           journal_records_per_s=<records/s, 64 asyncio appenders>     (target: >= 5000)
 
-Usage: .venv/bin/python scripts/bench_attribution.py [--quick] [--repeats N] [--records N] [--dir DIR]
+Usage: .venv/bin/python scripts/bench_attribution.py [--quick] [--repeats N] [--records N] [--dir DIR] [--model DIR]
 """
 
 from __future__ import annotations
@@ -143,16 +151,120 @@ def journal_section(quick: bool, repeats: int, records: int, directory: str | No
     return {"journal_records_per_s": f"{median[HEADLINE][0]:.0f}"}
 
 
+async def _serve(settings) -> tuple:
+    from node.api.app import create_app
+    from node.api.server import start_server
+
+    app = create_app(settings)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    return app, runner, url
+
+
+async def _open_run(url: str, models: list[str], n: int, tokens: int, concurrency: int) -> tuple[int, float]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> int:
+            async with gate:
+                answer = await client.chat.completions.create(
+                    model=models[i % len(models)], messages=[{"role": "user", "content": f"Tell me a story {i}"}],
+                    max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                return answer.usage.completion_tokens
+
+        start = time.perf_counter()
+        done = await asyncio.gather(*(one(i) for i in range(n)))
+        return sum(done), time.perf_counter() - start
+
+
+async def _signed_run(
+    url: str, key: str, model_dir: str, caps: Path, models: list[str], n: int, tokens: int, concurrency: int
+) -> tuple[int, float]:
+    from attribution.caps import CapLedger
+    from attribution.client import OpenLoRAClient
+
+    async with OpenLoRAClient(url, key, tokenizer=model_dir, ledger=CapLedger(caps)) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> int:
+            async with gate:
+                answer = await client.chat(
+                    models[i % len(models)], [{"role": "user", "content": f"Tell me a story {i}"}],
+                    max_tokens=tokens, temperature=0, ignore_eos=True,
+                )  # fmt: skip
+                return answer.record.output_tokens
+
+        start = time.perf_counter()
+        done = await asyncio.gather(*(one(i) for i in range(n)))
+        return sum(done), time.perf_counter() - start
+
+
+async def _node_runs(quick: bool, repeats: int, model: str | None) -> dict[str, list[float]]:
+    from node.config import Settings
+    from node.devnet import local_network
+    from node.engine.prepare import prepare_model
+
+    n, tokens, concurrency = (16, 32, 8) if quick else (48, 64, 16)
+    base = Settings(port=0, model=model, max_loras=4)
+    base = base.model_copy(update={"model": str(prepare_model(base))})
+    rates: dict[str, list[float]] = {"open": [], "signed": []}
+    with tempfile.TemporaryDirectory(prefix="bench-attribution-") as tmp:
+        work = Path(tmp)
+        async with local_network(base, work / "devnet", ipfs_repo=work / "ipfs", serve=False) as net:
+            signed_settings = net.settings.model_copy(update={"batch_interval": 5.0})
+            open_settings = base.model_copy(
+                update={"ipfs_gateways": [net.ipfs.gateway_url], "adapter_index": net.provisioned.adapter_index,
+                        "cache_dir": work / "open-cache"}
+            )  # fmt: skip
+            key = net.provisioned.payer_key.read_text().strip()
+            for repeat in range(repeats + 1):  # the first round warms caches (adapters fetched, kernels built)
+                for system in ("open", "signed"):
+                    app, runner, url = await _serve(signed_settings if system == "signed" else open_settings)
+                    try:
+                        from node.api.keys import ENGINE
+
+                        models = [*net.provisioned.adapters, app[ENGINE].model_name]
+                        if system == "open":
+                            done, seconds = await _open_run(url, models, n, tokens, concurrency)
+                        else:
+                            done, seconds = await _signed_run(
+                                url, key, base.model, work / "caps.json", models, n, tokens, concurrency
+                            )
+                    finally:
+                        await runner.cleanup()
+                    if repeat:
+                        rates[system].append(done / seconds)
+    return rates
+
+
+def node_section(quick: bool, repeats: int, model: str | None, console: Console) -> dict[str, str]:
+    rates = asyncio.run(_node_runs(quick, repeats, model))
+    open_rate, signed_rate = statistics.median(rates["open"]), statistics.median(rates["signed"])
+    table = Table(title=f"node: paid vs free serving, tokens/s, median of {repeats}")
+    for column in ("system", "tokens/s", "vs open", "runs"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    table.add_row("open: no chain, unsigned (openai client)", f"{open_rate:.1f}", "1.000",
+                  " ".join(f"{r:.1f}" for r in rates["open"]))  # fmt: skip
+    table.add_row("signed: chain, records journaled and committed (dApp client)", f"{signed_rate:.1f}",
+                  f"{signed_rate / open_rate:.3f}", " ".join(f"{r:.1f}" for r in rates["signed"]))  # fmt: skip
+    console.print(table)
+    return {"attribution_overhead": f"{1 - signed_rate / open_rate:.3f}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2000 records, 3 repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--dir", help="where the journals are written (default: the temp dir); same disk as a node's")
+    parser.add_argument("--model", help="a local HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     console = Console(width=130)
-    result = journal_section(args.quick, repeats, args.records, args.dir, console)
+    result = node_section(args.quick, repeats, args.model, console)
+    result.update(journal_section(args.quick, repeats, args.records, args.dir, console))
     print("RESULT " + " ".join(f"{key}={value}" for key, value in result.items()))
 
 
