@@ -4,9 +4,10 @@
 bootstrap:
 	@scripts/bootstrap.sh
 
-# Run the node with no configuration: bundled SmolLM2 base model on http://127.0.0.1:8000
+# The whole local network with no configuration: anvil, IPFS, the contracts, a funded demo payer, demo
+# adapters, and the node (bundled SmolLM2) on http://127.0.0.1:8000; prints a paid client command.
 serve: bootstrap
-	.venv/bin/openlora serve
+	.venv/bin/openlora devnet up
 
 # The default suite first; slow tests (real model end to end, fuzzing) after it.
 test: bootstrap

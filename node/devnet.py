@@ -107,7 +107,8 @@ async def _publish_demo_adapters(
     from node.engine.prepare import prepare_model
 
     base_dir = prepare_model(settings)
-    base_model = keccak(served_name(settings, base_dir).encode())  # the registry's id of a base model
+    base_name = served_name(settings, base_dir)
+    base_model = keccak(base_name.encode())  # the registry's id of a base model
     owner = Account.from_key(keys[0])
     contributors = [Account.from_key(k).address for k in keys[3:5]]
     cids: dict[str, str] = {}
@@ -115,7 +116,7 @@ async def _publish_demo_adapters(
     try:
         c = Contracts.attach(chain, Deployments.load(deployments_path))
         for demo in DEMO_ADAPTERS:
-            directory = settings.cache_dir / "devnet-adapters" / demo.name
+            directory = settings.cache_dir / "devnet-adapters" / base_dir.name / demo.name  # per base model
             if not (directory / "adapter_model.safetensors").is_file():
                 await asyncio.to_thread(make_random_adapter, base_dir, directory, seed=demo.seed)
             dag = await asyncio.to_thread(import_directory, directory)
