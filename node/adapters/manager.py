@@ -76,6 +76,14 @@ class AdapterManager:
     def num_loaded(self) -> int:
         return len(self._host)
 
+    def cache_stats(self) -> dict[str, int]:
+        """The sources' disk caches, summed (bytes verified and in download, leftovers removed)."""
+        out: dict[str, int] = {}
+        for source in self.sources:
+            for key, value in source.cache_stats().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
     def names(self) -> list[str]:
         out: list[str] = []
         for source in self.sources:
@@ -125,14 +133,19 @@ class AdapterManager:
 
     async def _load(self, entry: _Entry) -> None:
         loop = asyncio.get_running_loop()
+        fetched = False
         try:
             entry.state = AdapterState.FETCHING
             path = await entry.source.fetch(entry.name)
+            fetched = True
             entry.state = AdapterState.VERIFIED
             load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
             # a fresh thread per load: its OpenMP pool, if any, ends with it (node.threads)
             adapter = await loop.run_in_executor(None, run_in_fresh_thread, load)
+            await loop.run_in_executor(None, entry.source.accepted, entry.name)
         except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
+            if fetched and isinstance(exc, InvalidAdapterError):
+                await loop.run_in_executor(None, entry.source.refused, entry.name)
             self._forget_stale_failures()
             entry.failures += 1
             self.failure_counts[exc.reason] = self.failure_counts.get(exc.reason, 0) + 1

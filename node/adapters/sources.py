@@ -31,6 +31,17 @@ class AdapterSource(abc.ABC):
     async def fetch(self, name: str) -> Path:
         """A local directory with the adapter's files, verified by the source."""
 
+    # Optional hooks: a source without a cache of its own has nothing to do.
+    def accepted(self, name: str) -> None:  # noqa: B027
+        """The adapter `fetch` gave passed validation (a cache may now make room for it). Blocking."""
+
+    def refused(self, name: str) -> None:  # noqa: B027
+        """The adapter `fetch` gave failed validation (a cache drops it). Blocking."""
+
+    def cache_stats(self) -> dict[str, int]:
+        """Counters and sizes of the source's local cache, for /metrics (none by default)."""
+        return {}
+
 
 class LocalAdapterSource(AdapterSource):
     """A directory of adapters, one sub-directory each; the sub-directory name is the model name."""

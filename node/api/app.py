@@ -82,6 +82,8 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     app[ENGINE] = engine
     app[METRICS].watch_adapters(engine.adapter_stats)
+    if engine.adapters is not None:
+        app[METRICS].watch_adapter_cache(engine.adapters.cache_stats)
     app[STARTED_AT] = int(time.time())
     log.info("engine ready: %s (context %d tokens)", engine.model_name, engine.max_model_len)
     try:

@@ -49,6 +49,10 @@ class Metrics:
         """Export the engine's adapter tiers and refusals, read at every scrape."""
         self.registry.register(_AdapterCollector(stats))
 
+    def watch_adapter_cache(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the adapter disk cache's size and the crash leftovers removed, read at every scrape."""
+        self.registry.register(_AdapterCacheCollector(stats))
+
     def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
         self.completion_tokens.labels(endpoint).inc(completion_tokens)
@@ -82,6 +86,26 @@ class _AdapterCollector(Collector):
         for reason, n in sorted(s["failures"].items()):
             failures.add_metric([reason], n)
         yield failures
+
+
+class _AdapterCacheCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        size = GaugeMetricFamily(
+            "openlora_adapter_cache_bytes", "Adapter disk cache: verified adapters and downloads in progress",
+            labels=["state"],
+        )  # fmt: skip
+        size.add_metric(["verified"], s.get("verified_bytes", 0))
+        size.add_metric(["partial"], s.get("partial_bytes", 0))
+        yield size
+        yield CounterMetricFamily(
+            "openlora_adapter_cache_leftovers_removed",
+            "Partial downloads of a dead process (crash, kill) removed from the adapter cache at start",
+            value=s.get("leftovers_removed", 0),
+        )
 
 
 def endpoint_label(request: web.Request) -> str:

@@ -8,49 +8,18 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
-import openai
-import pytest
 import torch
 from aiohttp import web
 from safetensors.torch import load_file, save_file
 
-from node.adapters.ipfs import KuboRpcClient, import_directory, import_file
+from node.adapters.ipfs import import_file
 from node.adapters.ipfs_source import DiskCache, parse_adapter_cid
-from node.adapters.synthetic import make_random_adapter
 from tests.api.conftest import scrape, serve_node
 
-PROMPT = [{"role": "user", "content": "The capital of France is"}]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("local-adapters")
-    make_random_adapter(tiny_model_dir, root / "good", rank=8, seed=3, std=0.2)
-    return root / "good"
-
-
-async def publish(api_url: str, directory: Path) -> str:
-    async with KuboRpcClient(api_url) as client:
-        return str(await client.publish(import_directory(directory)))
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "openlora"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
-    )
-
-
-async def chat(url: str, model: str, n: int = 12) -> str:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60) as client:
-        resp = await client.chat.completions.create(
-            model=model, messages=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
-        )
-        return resp.choices[0].message.content
+from .conftest import PROMPT, chat, cli, publish
 
 
 async def test_publish_with_cli_then_serve_by_cid(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
