@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from node.adapters.ipfs import (
 from node.adapters.sources import AdapterSource
 
 _STAMP = ".last-used"
+# What CIDs look like: CIDv0 (base58btc, "Qm...") and CIDv1 in base32 ("baf..."), the forms IPFS tools print.
+_CID_LIKE = re.compile(r"^(Qm|baf)[A-Za-z0-9]+$")
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +45,21 @@ def parse_adapter_cid(name: str) -> str | None:
         return str(parse_cid(text).set(version=1, base="base32"))
     except (InvalidCid, ValueError, KeyError):
         return None
+
+
+def cid_problem(name: str) -> str | None:
+    """Why `name`, an `ipfs://` URL or something that looks like a CID, names no adapter we can
+    fetch (malformed, or a codec or hash we do not verify); None when it is fine or no CID at all."""
+    text = name.removeprefix("ipfs://").rstrip("/")
+    if not name.startswith("ipfs://") and not _CID_LIKE.match(text):
+        return None
+    if "/" in text:
+        return f"{name!r} is a path inside a CID; an adapter is named by its root CID alone"
+    try:
+        parse_cid(text)
+    except IpfsError as exc:
+        return str(exc)
+    return None
 
 
 def read_index(path: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from attribution.checks import RequestRefused
 from attribution.errors import SignatureError
 from attribution.types import InferenceRequest, Signature
 from node.adapters.ipfs_source import IpfsAdapterSource
-from node.api.errors import APIError, ModelNotFoundError
+from node.api.errors import APIError, unknown_model
 from node.api.keys import ACCOUNTANT
 
 REQUEST_HEADER = "X-OpenLoRA-Request"
@@ -52,7 +52,7 @@ def adapter_cid(engine: Any, name: str | None) -> str | None:
         return None
     found = engine.adapters.resolve(name)
     if found is None:
-        raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
+        raise unknown_model(name)
     source, key = found
     return key if isinstance(source, IpfsAdapterSource) else None
 

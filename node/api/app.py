@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node.api.errors import ModelNotFoundError, error_middleware
+from node.api.errors import error_middleware, unknown_model
 from node.api.generation import chat_completions, completions
 from node.api.keys import ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
@@ -103,9 +103,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """The answer a generation request naming this model would get: an adapter is fetched, verified
+    and validated as for one (404 if no source has it, 400 `adapter_invalid`, 503 while unavailable)."""
     name = request.match_info["model"]
-    if name not in request.app[ENGINE].list_models():
-        raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
+    engine = request.app[ENGINE]
+    if name != engine.model_name:
+        adapters = engine.adapters
+        if adapters is None or adapters.resolve(name) is None:
+            raise unknown_model(name)
+        adapters.release(await adapters.acquire(name))
     return web.json_response(text=_card(request.app, name).model_dump_json())
 
 
