@@ -72,7 +72,7 @@ async def ipfs_endpoints(settings: Settings) -> AsyncIterator[tuple[str | None, 
     if settings.ipfs_gateways or settings.ipfs_api_url:
         yield settings.ipfs_api_url, list(settings.ipfs_gateways)
         return
-    running = LocalIpfsNode.running_endpoints(settings.ipfs_repo)
+    running = await LocalIpfsNode.running_endpoints(settings.ipfs_repo)
     if running:
         yield running["api"], [running["gateway"]]
         return

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.api.errors import error_middleware, unknown_model
 from node.api.generation import chat_completions, completions
-from node.api.keys import ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.keys import ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
@@ -44,15 +44,16 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
     """With no IPFS gateway configured, run a local IPFS node (Helia, or Kubo in docker-compose)
-    for the node's lifetime and fetch adapters through it."""
+    for the node's lifetime, supervised (restarted if it dies), and fetch adapters through it."""
     settings = app[SETTINGS]
     if settings.ipfs_gateways or not settings.local_ipfs:
         yield
         return
     from node.adapters.ipfs import LocalIpfsNode
+    from node.adapters.ipfs.supervisor import NodeSupervisor
 
-    node = None
-    running = LocalIpfsNode.running_endpoints(settings.ipfs_repo)  # another `serve` over this cache dir
+    node = supervision = None
+    running = await LocalIpfsNode.running_endpoints(settings.ipfs_repo)  # another `serve` over this cache dir
     if running:
         gateway, api = running["gateway"], running["api"]
         log.info("using the local IPFS node already running over %s: gateway %s", settings.ipfs_repo, gateway)
@@ -61,6 +62,9 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, node.start)
         gateway, api = node.gateway_url, node.api_url
         log.info("local IPFS node: gateway %s, RPC %s (repo %s)", gateway, api, settings.ipfs_repo)
+        app[LOCAL_IPFS] = supervisor = NodeSupervisor(node)
+        app[METRICS].watch_local_ipfs(supervisor)
+        supervision = asyncio.create_task(supervisor.run(), name="local-ipfs-supervisor")
     app[SETTINGS] = settings.model_copy(
         update={
             "ipfs_gateways": [gateway],
@@ -71,6 +75,9 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if supervision is not None:
+            supervision.cancel()
+            await asyncio.gather(supervision, return_exceptions=True)
         if node is not None:
             await asyncio.get_running_loop().run_in_executor(None, node.stop)
 
@@ -118,8 +125,10 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     stats = engine.stats()
-    status = "ok" if engine.healthy else "engine_stopped"
-    body = Health(status=status, model=engine.model_name, running=stats["running"], waiting=stats["waiting"])
+    supervisor = request.app.get(LOCAL_IPFS)
+    ipfs = None if supervisor is None else ("ok" if supervisor.up else "down")
+    status = "engine_stopped" if not engine.healthy else "degraded" if ipfs == "down" else "ok"
+    body = Health(status=status, model=engine.model_name, running=stats["running"], waiting=stats["waiting"], ipfs=ipfs)
     return web.json_response(text=body.model_dump_json(), status=200 if engine.healthy else 503)
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.adapters.ipfs.supervisor import NodeSupervisor
 from node.api.errors import Handler
 from node.api.keys import METRICS
 
@@ -52,6 +53,10 @@ class Metrics:
     def watch_adapter_cache(self, stats: Callable[[], dict[str, int]]) -> None:
         """Export the adapter disk cache's size and the crash leftovers removed, read at every scrape."""
         self.registry.register(_AdapterCacheCollector(stats))
+
+    def watch_local_ipfs(self, supervisor: NodeSupervisor) -> None:
+        """Export whether the supervised local IPFS node is up, and how often it died and came back."""
+        self.registry.register(_LocalIpfsCollector(supervisor))
 
     def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
@@ -106,6 +111,17 @@ class _AdapterCacheCollector(Collector):
             "Partial downloads of a dead process (crash, kill) removed from the adapter cache at start",
             value=s.get("leftovers_removed", 0),
         )
+
+
+class _LocalIpfsCollector(Collector):
+    def __init__(self, supervisor: NodeSupervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self):
+        s = self._supervisor
+        yield GaugeMetricFamily("openlora_local_ipfs_up", "The local IPFS node serve started is up (1) or not", s.up)
+        yield CounterMetricFamily("openlora_local_ipfs_exits", "Exits of the local IPFS node noticed", s.deaths)
+        yield CounterMetricFamily("openlora_local_ipfs_restarts", "Restarts of the local IPFS node", s.restarts)
 
 
 def endpoint_label(request: web.Request) -> str:

@@ -172,10 +172,14 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "engine_stopped"] = "ok"  # engine_stopped comes with HTTP 503
+    # engine_stopped comes with HTTP 503; degraded (200): the base model serves, uncached adapters don't
+    status: Literal["ok", "degraded", "engine_stopped"] = "ok"
     model: str
     running: int
     waiting: int
+    ipfs: Literal["ok", "down"] | None = Field(
+        None, description="The local IPFS node this node started and supervises (null when it runs none)."
+    )
 
 
 class ErrorBody(BaseModel):
