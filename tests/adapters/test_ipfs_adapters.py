@@ -15,7 +15,7 @@ import torch
 from aiohttp import web
 from safetensors.torch import load_file, save_file
 
-from node.adapters.ipfs import import_file
+from node.adapters.ipfs import KuboRpcClient, import_file
 from node.adapters.ipfs_source import DiskCache, parse_adapter_cid
 from tests.api.conftest import scrape, serve_node
 
@@ -65,6 +65,20 @@ def test_cli_inspect_and_prefetch(tiny_model_dir, adapter_dir, ipfs_node, tmp_pa
     assert Path(out.stdout.strip()) == tmp_path / "adapters" / cid
     out = cli("adapter", "inspect", "no-such-name", *common)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "neither a CID" in out.stderr
+
+
+async def test_cli_inspect_exits_1_for_what_the_node_would_refuse(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+    refused = await publish(ipfs_node.api_url, _tamper(adapter_dir, tmp_path / "rank", "rank"))
+    (tmp_path / "single").write_bytes(b"just one file")
+    async with KuboRpcClient(ipfs_node.api_url) as client:
+        single = str(await client.publish(import_file(tmp_path / "single")))
+    common = ("--model", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--ipfs-gateway", ipfs_node.gateway_url)
+    out = cli("adapter", "inspect", refused, *common)
+    assert out.returncode == 1 and "NO: " in out.stdout, out
+    assert out.stderr.count("\n") == 1 and "exceeds this node's maximum LoRA rank" in out.stderr
+    out = cli("adapter", "inspect", single, *common)
+    assert out.returncode == 1 and "single file of 13 bytes" in out.stdout and "0 files" not in out.stdout, out
+    assert out.stderr.count("\n") == 1 and "an adapter is a directory" in out.stderr
 
 
 # -- malicious adapters: each refused with its own message, counted in /metrics -----------------
