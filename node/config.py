@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _check_http_url(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
+    return url
 
 
 def default_cache_dir() -> Path:
@@ -91,6 +99,25 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(1000, ge=1, description="commit a batch once this many records wait")
     batch_interval: float = Field(60.0, gt=0, description="commit waiting records at least this often (seconds)")
     confirmations: int = Field(1, ge=0, description="blocks to wait after a commit before trusting it")
+
+    @field_validator("adapters_dir")
+    @classmethod
+    def _adapters_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"adapter directory {value} does not exist or is not a directory")
+        return value
+
+    @field_validator("ipfs_gateways")
+    @classmethod
+    def _gateways_are_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            _check_http_url(url, "gateway")
+        return value
+
+    @field_validator("ipfs_api_url")
+    @classmethod
+    def _api_is_url(cls, value: str | None) -> str | None:
+        return value if value is None else _check_http_url(value, "IPFS API")
 
     @property
     def ipfs_repo(self) -> Path:

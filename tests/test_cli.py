@@ -66,6 +66,10 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
         (["serve", "--dtype", "float8"], "--dtype: String should match pattern"),
         (["serve", "--device", "banana"], "--device: String should match pattern"),
         (["serve", "--ipfs-timeout", "0"], "--ipfs-timeout: Input should be greater than 0"),
+        (["serve", "--adapters", "/no/such/dir"], "adapter directory /no/such/dir does not exist"),
+        (["serve", "--ipfs-gateway", "notaurl"], "gateway 'notaurl' is not an http(s) URL"),
+        (["serve", "--ipfs-gateway", "http://127.0.0.1:8080", "--ipfs-gateway", "ftp://x"], "'ftp://x' is not"),
+        (["serve", "--ipfs-api-url", "127.0.0.1:5001"], "IPFS API '127.0.0.1:5001' is not an http(s) URL"),
         (["model", "prepare", "--model", "/no/such/model"], "does not exist"),
     ],
 )

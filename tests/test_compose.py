@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -105,3 +106,31 @@ def test_compose_ipfs_service_feeds_the_node(docker_compose: Path):
     assert json.loads(env["OPENLORA_IPFS_GATEWAYS"]) == ["http://ipfs:8080"]
     assert env["OPENLORA_IPFS_API_URL"] == "http://ipfs:5001"
     assert services["node"]["depends_on"]["ipfs"]["condition"] == "service_healthy"
+
+
+# Set by the image (Dockerfile ENV: the port mapping and the volume rely on them) or by the compose file
+# itself (it runs Kubo, so no local IPFS node): not passed through.
+FIXED_BY_THE_IMAGE = {"host", "port", "cache_dir", "local_ipfs", "ipfs_gateways", "ipfs_api_url"}
+
+
+def test_compose_passes_every_node_setting_through(docker_compose: Path):
+    """Every setting an operator may change reaches the node: set each OPENLORA_* variable in the shell
+    and it must come out of `docker compose config` in the node's environment."""
+    from node.config import Settings
+
+    names = {f"OPENLORA_{name.upper()}": f"value-of-{name}" for name in Settings.model_fields}
+    result = subprocess.run(
+        [docker_compose, "-f", ROOT / "docker-compose.yml", "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **names},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    env = json.loads(result.stdout)["services"]["node"]["environment"]
+    missing = sorted(
+        name for name, value in names.items()
+        if env.get(name) != value and name.removeprefix("OPENLORA_").lower() not in FIXED_BY_THE_IMAGE
+    )  # fmt: skip
+    assert missing == []
+    assert json.loads(env["OPENLORA_IPFS_GATEWAYS"]) == ["http://ipfs:8080"]  # not overridable by the shell
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert all(f"OPENLORA_{n.upper()}=" in dockerfile for n in ("host", "port", "cache_dir"))
+    assert "Gateway.NoFetch" in (ROOT / "docker-compose.yml").read_text()  # the bogus-CID wait is documented

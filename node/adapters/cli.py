@@ -72,7 +72,7 @@ async def ipfs_endpoints(settings: Settings) -> AsyncIterator[tuple[str | None, 
     if settings.ipfs_gateways or settings.ipfs_api_url:
         yield settings.ipfs_api_url, list(settings.ipfs_gateways)
         return
-    running = LocalIpfsNode.running_endpoints(settings.ipfs_repo)
+    running = await LocalIpfsNode.running_endpoints(settings.ipfs_repo)
     if running:
         yield running["api"], [running["gateway"]]
         return
@@ -189,7 +189,13 @@ async def _inspect(args: argparse.Namespace) -> None:
 
 
 def _print_adapter(settings: Settings, cid: str, path: Path) -> None:
+    """Describe the verified adapter; raises InvalidAdapterError (exit status 1) after the table
+    when this node would refuse it."""
     table = Table(title=f"adapter {cid}", show_header=False)
+    if path.is_file():
+        table.add_row("verified", f"a single file of {path.stat().st_size} bytes, every block")
+        Console().print(table)
+        raise InvalidAdapterError(f"{cid} is a single file; an adapter is a directory ({CONFIG_FILE}, weights)")
     files = sorted(f for f in path.rglob("*") if f.is_file())
     table.add_row("verified", f"{len(files)} files, {sum(f.stat().st_size for f in files)} bytes, every block")
     for f in files:
@@ -200,9 +206,11 @@ def _print_adapter(settings: Settings, cid: str, path: Path) -> None:
             table.add_row(key, str(cfg[key]))
     try:
         adapter = _validate(settings, path, cid)
-        table.add_row("valid for this node", f"yes: rank {adapter.rank}, scale {adapter.scale:g}")
     except InvalidAdapterError as exc:
         table.add_row("valid for this node", f"NO: {exc}")
+        Console().print(table)
+        raise
+    table.add_row("valid for this node", f"yes: rank {adapter.rank}, scale {adapter.scale:g}")
     Console().print(table)
 
 

@@ -17,9 +17,14 @@ class InvalidAdapterError(AdapterError, ValueError):
 
 
 class AdapterUnavailableError(AdapterError, RuntimeError):
-    """The adapter could not be fetched or loaded right now (retried later with backoff)."""
+    """The adapter could not be fetched or loaded right now (retried later with backoff).
 
-    reason = "unavailable"
+    `reason` is a short stable code for metrics (e.g. "unavailable", "disk_full", "disk_error").
+    """
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AdapterNotFoundError(AdapterError, LookupError):

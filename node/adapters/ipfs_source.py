@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,12 +22,17 @@ from node.adapters.ipfs import (
     InvalidCid,
     IpfsError,
     SizeLimitExceeded,
+    StorageError,
     fetch_verified,
     parse_cid,
+    partial_downloads,
+    remove_abandoned_downloads,
 )
 from node.adapters.sources import AdapterSource
 
 _STAMP = ".last-used"
+# What CIDs look like: CIDv0 (base58btc, "Qm...") and CIDv1 in base32 ("baf..."), the forms IPFS tools print.
+_CID_LIKE = re.compile(r"^(Qm|baf)[A-Za-z0-9]+$")
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +45,21 @@ def parse_adapter_cid(name: str) -> str | None:
         return str(parse_cid(text).set(version=1, base="base32"))
     except (InvalidCid, ValueError, KeyError):
         return None
+
+
+def cid_problem(name: str) -> str | None:
+    """Why `name`, an `ipfs://` URL or something that looks like a CID, names no adapter we can
+    fetch (malformed, or a codec or hash we do not verify); None when it is fine or no CID at all."""
+    text = name.removeprefix("ipfs://").rstrip("/")
+    if not name.startswith("ipfs://") and not _CID_LIKE.match(text):
+        return None
+    if "/" in text:
+        return f"{name!r} is a path inside a CID; an adapter is named by its root CID alone"
+    try:
+        parse_cid(text)
+    except IpfsError as exc:
+        return str(exc)
+    return None
 
 
 def read_index(path: Path) -> dict[str, str]:
@@ -58,12 +80,21 @@ def read_index(path: Path) -> dict[str, str]:
 
 
 class DiskCache:
-    """Verified adapter directories by CID, bounded in bytes, least recently used evicted first."""
+    """Verified adapter directories by CID, bounded in bytes, least recently used evicted first.
+
+    Downloads in progress (their `.<cid>.partial-*` work directories) count against the bound but
+    are never evicted. Work directories whose download died with its process (a crash, SIGKILL)
+    are deleted when the cache is opened; `leftovers_removed` counts them.
+    """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root
         self.max_bytes = max_bytes
         root.mkdir(parents=True, exist_ok=True)
+        removed = remove_abandoned_downloads(root)
+        self.leftovers_removed = len(removed)
+        if removed:
+            log.warning("removed %d abandoned partial download(s) from %s", len(removed), root)
 
     def path(self, cid: str) -> Path:
         return self.root / cid
@@ -75,6 +106,9 @@ class DiskCache:
         (path / _STAMP).touch()
         return path
 
+    def remove(self, cid: str) -> None:
+        shutil.rmtree(self.path(cid), ignore_errors=True)
+
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last used, bytes, path) of every cached adapter."""
         out = []
@@ -82,15 +116,29 @@ class DiskCache:
             if not path.is_dir() or path.name.startswith("."):
                 continue
             stamp = path / _STAMP
-            used = stamp.stat().st_mtime if stamp.exists() else path.stat().st_mtime
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            out.append((used, size, path))
+            try:
+                used = stamp.stat().st_mtime if stamp.exists() else path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # evicted or refused meanwhile
+            out.append((used, _tree_bytes(path), path))
         return out
 
+    def partial_bytes(self) -> int:
+        """Bytes held by downloads in progress (files are sized in full when they are created)."""
+        return sum(_tree_bytes(p) for p in partial_downloads(self.root))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "verified_bytes": sum(size for _, size, _ in self.entries()),
+            "partial_bytes": self.partial_bytes(),
+            "leftovers_removed": self.leftovers_removed,
+        }
+
     def trim(self, keep: str | None = None) -> list[str]:
-        """Evict least recently used adapters until the cache fits; never `keep`."""
+        """Evict least recently used adapters until the cache, downloads in progress included,
+        fits; never `keep`."""
         entries = sorted(self.entries())
-        total = sum(size for _, size, _ in entries)
+        total = sum(size for _, size, _ in entries) + self.partial_bytes()
         evicted = []
         for _, size, path in entries:
             if total <= self.max_bytes:
@@ -101,6 +149,18 @@ class DiskCache:
             total -= size
             evicted.append(path.name)
         return evicted
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, tolerating files that vanish while we look."""
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 class IpfsAdapterSource(AdapterSource):
@@ -182,13 +242,45 @@ class IpfsAdapterSource(AdapterSource):
             raise AdapterUnavailableError(
                 f"adapter {cid} could not be fetched from this node's {len(self.gateways)} gateway(s) ({kinds})"
             ) from None
+        except StorageError as exc:
+            raise self._storage_failure(cid, exc) from None
         except IpfsError as exc:
             log.warning("adapter %s: %s", cid, exc)
             raise AdapterUnavailableError(f"adapter {cid} could not be fetched ({type(exc).__name__})") from None
         if not path.is_dir():
             path.unlink(missing_ok=True)
             raise InvalidAdapterError(f"adapter {cid} is a single file; an adapter is a directory")
-        (path / _STAMP).touch()
+        try:
+            (path / _STAMP).touch()
+        except OSError as exc:
+            self.cache.remove(cid)
+            raise self._storage_failure(cid, StorageError(str(self.cache.root), exc)) from None
         self.fetches += 1
-        self.cache.trim(keep=cid)
         return path
+
+    def _storage_failure(self, cid: str, exc: StorageError) -> AdapterUnavailableError:
+        log.error("adapter %s: %s", cid, exc)  # the path stays in the log
+        if exc.disk_full:
+            return AdapterUnavailableError(
+                f"adapter {cid} could not be stored: this node's adapter cache disk is full", "disk_full"
+            )
+        return AdapterUnavailableError(
+            f"adapter {cid} could not be stored on this node's adapter cache disk ({exc.cause})",
+            "disk_error",
+        )
+
+    # -- the manager's verdicts ------------------------------------------------------------------
+
+    def accepted(self, name: str) -> None:
+        """Only a validated adapter may make the cache evict others (junk never pushes one out)."""
+        cid = self.canonical(name)
+        if cid is not None:
+            self.cache.trim(keep=cid)
+
+    def refused(self, name: str) -> None:
+        cid = self.canonical(name)
+        if cid is not None:
+            self.cache.remove(cid)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.cache.stats()

@@ -20,11 +20,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
-from node.adapters.peft_format import BaseModelShape, LoraAdapter, load_adapter
+from node.adapters.peft_format import BaseModelShape, LoraAdapter, check_adapter, load_adapter
 from node.adapters.sources import AdapterSource
 from node.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_REFUSALS = 4096  # refused adapters kept out of /v1/models (oldest forgotten first)
 
 
 class AdapterState(enum.StrEnum):
@@ -71,16 +73,53 @@ class AdapterManager:
         self._host: OrderedDict[str, None] = OrderedDict()  # LOADED adapters, least recent first
         self.loads = 0
         self.failure_counts: dict[str, int] = {}  # refusals and fetch failures by reason, for /metrics
+        self._refused: OrderedDict[str, object] = OrderedDict()  # key -> the source's version when refused
+        self._checked: dict[str, tuple[object, bool]] = {}  # local adapters: key -> (version, header check ok)
 
     @property
     def num_loaded(self) -> int:
         return len(self._host)
 
-    def names(self) -> list[str]:
-        out: list[str] = []
+    def cache_stats(self) -> dict[str, int]:
+        """The sources' disk caches, summed (bytes verified and in download, leftovers removed)."""
+        out: dict[str, int] = {}
         for source in self.sources:
-            out.extend(n for n in source.names() if n not in out)
+            for key, value in source.cache_stats().items():
+                out[key] = out.get(key, 0) + value
         return out
+
+    def names(self) -> list[str]:
+        """Every adapter a request may name, less those that would be refused: refused before (until
+        their content changes), or, for adapters on local disk, failing the checks that need no
+        tensor values (`check_adapter`, cached per version)."""
+        out: list[str] = []
+        checked: dict[str, tuple[object, bool]] = {}
+        for source in self.sources:
+            for name in source.names():
+                if name not in out and self._listable(source, name, checked):
+                    out.append(name)
+        self._checked = checked
+        return out
+
+    def _listable(self, source: AdapterSource, name: str, checked: dict[str, tuple[object, bool]]) -> bool:
+        key = source.canonical(name)
+        if key is None:
+            return False
+        version = source.version(name)
+        if key in self._refused and self._refused[key] == version:
+            return False
+        path = source.local_path(name)
+        if path is None:
+            return True
+        known = self._checked.get(key)
+        if known is None or known[0] != version:
+            try:
+                check_adapter(path, key, self.base, self.max_rank, max_bytes=self.max_bytes)
+                known = (version, True)
+            except (InvalidAdapterError, OSError):
+                known = (version, False)
+        checked[key] = known
+        return known[1]
 
     def resolve(self, name: str) -> tuple[AdapterSource, str] | None:
         """The source serving `name` and the adapter's identity there, or None if unknown."""
@@ -125,14 +164,23 @@ class AdapterManager:
 
     async def _load(self, entry: _Entry) -> None:
         loop = asyncio.get_running_loop()
+        fetched = False
         try:
             entry.state = AdapterState.FETCHING
             path = await entry.source.fetch(entry.name)
+            fetched = True
             entry.state = AdapterState.VERIFIED
             load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
             # a fresh thread per load: its OpenMP pool, if any, ends with it (node.threads)
             adapter = await loop.run_in_executor(None, run_in_fresh_thread, load)
+            await loop.run_in_executor(None, entry.source.accepted, entry.name)
         except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
+            if isinstance(exc, InvalidAdapterError):
+                self._refused[entry.name] = entry.source.version(entry.name)
+                while len(self._refused) > MAX_REMEMBERED_REFUSALS:
+                    self._refused.popitem(last=False)
+                if fetched:
+                    await loop.run_in_executor(None, entry.source.refused, entry.name)
             self._forget_stale_failures()
             entry.failures += 1
             self.failure_counts[exc.reason] = self.failure_counts.get(exc.reason, 0) + 1
@@ -145,6 +193,7 @@ class AdapterManager:
         finally:
             entry.loading = None
         entry.adapter, entry.state, entry.error, entry.failures = adapter, AdapterState.LOADED, None, 0
+        self._refused.pop(entry.name, None)
         self._host[entry.name] = None
         self.loads += 1
         self._trim_host(keep=entry.name)  # its waiters have not taken their references yet

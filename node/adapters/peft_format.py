@@ -23,6 +23,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_CONFIG_BYTES = 64 * 1024
+# safetensors' names of floating-point dtypes (the header says these without reading values)
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$"
 )
@@ -84,7 +86,16 @@ def read_config(path: Path, name: str) -> dict:
     return cfg
 
 
-def load_adapter(
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What `check_adapter` learned from the config and the safetensors header (no values read)."""
+
+    rank: int
+    scale: float
+    pairs: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (lora_A key, lora_B key)
+
+
+def check_adapter(
     path: Path,
     name: str,
     base: BaseModelShape,
@@ -92,8 +103,9 @@ def load_adapter(
     *,
     check_base_name: bool = True,
     max_bytes: int = 256 << 20,
-) -> LoraAdapter:
-    """Validate `path` as a PEFT LoRA adapter for `base` and load its weights (fp32, host memory)."""
+) -> AdapterPlan:
+    """Every check that needs no tensor values: files, config, base model, rank, targets, and each
+    tensor's name, shape and dtype from the safetensors header. Milliseconds for any adapter size."""
     if any((path / f).exists() for f in PICKLE_FILES) and not (path / WEIGHTS_FILE).is_file():
         raise _fail(name, "only safetensors weights are accepted (pickle .bin/.pt files can run code)", "pickle")
     cfg = read_config(path, name)
@@ -137,7 +149,7 @@ def load_adapter(
     size = weights_file.stat().st_size
     if size > max_bytes:
         raise _fail(name, f"{WEIGHTS_FILE} is {size} bytes (limit {max_bytes})", "too_large")
-    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[int, str], dict[str, str]] = {}
     try:
         with safe_open(weights_file, framework="pt") as f:
             for key in f.keys():
@@ -149,37 +161,60 @@ def load_adapter(
                     raise _fail(name, f"tensor {key!r} is for {module}, which target_modules does not list", "shape")
                 if layer >= base.num_layers:
                     raise _fail(name, f"tensor {key!r}: the base model has {base.num_layers} layers", "shape")
-                raw.setdefault((layer, module), {})[ab] = f.get_tensor(key)
+                keys.setdefault((layer, module), {})[ab] = key
+            if not keys:
+                raise _fail(name, "it has no LoRA weights", "shape")
+            pairs: dict[tuple[int, str], tuple[str, str]] = {}
+            for (layer, module), pair in sorted(keys.items()):
+                if set(pair) != {"A", "B"}:
+                    raise _fail(name, f"layer {layer} {module} lacks lora_{'A' if 'A' not in pair else 'B'}", "shape")
+                a, b = f.get_slice(pair["A"]), f.get_slice(pair["B"])
+                fan_in, fan_out = base.in_out(module)
+                a_shape, b_shape = tuple(a.get_shape()), tuple(b.get_shape())
+                if a_shape != (rank, fan_in) or b_shape != (fan_out, rank):
+                    raise _fail(
+                        name,
+                        f"layer {layer} {module}: lora_A {a_shape} / lora_B {b_shape}, "
+                        f"expected {(rank, fan_in)} / {(fan_out, rank)}",
+                        "shape",
+                    )
+                dtypes = a.get_dtype(), b.get_dtype()
+                if not all(d in _FLOAT_DTYPES for d in dtypes):
+                    raise _fail(
+                        name, f"layer {layer} {module}: weights must be floating point, got {dtypes[0]}/{dtypes[1]}",
+                        "dtype",
+                    )  # fmt: skip
+                pairs[(layer, module)] = (pair["A"], pair["B"])
     except SafetensorError as exc:
         raise _fail(name, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})", "format") from None
-    if not raw:
-        raise _fail(name, "it has no LoRA weights", "shape")
+    return AdapterPlan(rank=rank, scale=float(scale), pairs=pairs)
 
+
+def load_adapter(
+    path: Path,
+    name: str,
+    base: BaseModelShape,
+    max_rank: int,
+    *,
+    check_base_name: bool = True,
+    max_bytes: int = 256 << 20,
+) -> LoraAdapter:
+    """Validate `path` as a PEFT LoRA adapter for `base` and load its weights (fp32, host memory)."""
+    plan = check_adapter(path, name, base, max_rank, check_base_name=check_base_name, max_bytes=max_bytes)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (layer, module), pair in sorted(raw.items()):
-        if set(pair) != {"A", "B"}:
-            raise _fail(name, f"layer {layer} {module} lacks lora_{'A' if 'A' not in pair else 'B'}", "shape")
-        a, b = pair["A"], pair["B"]
-        fan_in, fan_out = base.in_out(module)
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
-            raise _fail(
-                name,
-                f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, "
-                f"expected {(rank, fan_in)} / {(fan_out, rank)}",
-                "shape",
-            )
-        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
-            raise _fail(
-                name, f"layer {layer} {module}: weights must be floating point, got {a.dtype}/{b.dtype}", "dtype"
-            )
-        a, b = a.float(), b.float()
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise _fail(name, f"layer {layer} {module}: weights contain NaN or infinity", "non_finite")
-        weights[(layer, module)] = (a.contiguous(), b.contiguous())
+    try:
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+            for (layer, module), (a_key, b_key) in plan.pairs.items():
+                a, b = f.get_tensor(a_key).float(), f.get_tensor(b_key).float()
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise _fail(name, f"layer {layer} {module}: weights contain NaN or infinity", "non_finite")
+                weights[(layer, module)] = (a.contiguous(), b.contiguous())
+    except SafetensorError as exc:
+        raise _fail(name, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})", "format") from None
     return LoraAdapter(
         name=name,
-        rank=rank,
-        scale=float(scale),
+        rank=plan.rank,
+        scale=plan.scale,
         target_modules=tuple(sorted({m for _, m in weights}, key=SUPPORTED_MODULES.index)),
         weights=weights,
     )

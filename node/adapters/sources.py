@@ -31,6 +31,26 @@ class AdapterSource(abc.ABC):
     async def fetch(self, name: str) -> Path:
         """A local directory with the adapter's files, verified by the source."""
 
+    def local_path(self, name: str) -> Path | None:
+        """The adapter's directory if it is on local disk now (no fetch), else None."""
+        return None
+
+    def version(self, name: str) -> object:
+        """A value that changes whenever the adapter's content may have changed; None for content
+        that never changes (content-addressed). A refusal is remembered until it changes."""
+        return None
+
+    # Optional hooks: a source without a cache of its own has nothing to do.
+    def accepted(self, name: str) -> None:  # noqa: B027
+        """The adapter `fetch` gave passed validation (a cache may now make room for it). Blocking."""
+
+    def refused(self, name: str) -> None:  # noqa: B027
+        """The adapter `fetch` gave failed validation (a cache drops it). Blocking."""
+
+    def cache_stats(self) -> dict[str, int]:
+        """Counters and sizes of the source's local cache, for /metrics (none by default)."""
+        return {}
+
 
 class LocalAdapterSource(AdapterSource):
     """A directory of adapters, one sub-directory each; the sub-directory name is the model name."""
@@ -45,6 +65,18 @@ class LocalAdapterSource(AdapterSource):
 
     def has(self, name: str) -> bool:
         return bool(ADAPTER_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
+
+    def local_path(self, name: str) -> Path | None:
+        return self.root / name if self.has(name) else None
+
+    def version(self, name: str) -> object:
+        """The directory's files by name, modification time, size and inode: an edit or a copy
+        over it changes it."""
+        try:
+            stats = [(f.name, f.stat()) for f in (self.root / name).iterdir()]
+        except OSError:
+            return None
+        return tuple(sorted((n, st.st_mtime_ns, st.st_size, st.st_ino) for n, st in stats))
 
     async def fetch(self, name: str) -> Path:
         path = self.root / name

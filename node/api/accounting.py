@@ -37,9 +37,9 @@ from node.adapters.ipfs_source import IpfsAdapterSource
 from node.api.errors import (
     APIError,
     InvalidRequestError,
-    ModelNotFoundError,
     NotFoundError,
     ServiceUnavailableError,
+    unknown_model,
 )
 from node.api.keys import ACCOUNTANT, ENGINE, METRICS
 from node.config import Settings
@@ -71,7 +71,7 @@ def adapter_cid(engine: Any, name: str | None) -> str | None:
         return None
     found = engine.adapters.resolve(name)
     if found is None:
-        raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
+        raise unknown_model(name)
     source, key = found
     return key if isinstance(source, IpfsAdapterSource) else None
 

@@ -11,9 +11,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
-from node.api.errors import ModelNotFoundError, error_middleware
+from node.api.errors import error_middleware, unknown_model
 from node.api.generation import chat_completions, completions
-from node.api.keys import ACCOUNTANT, ENGINE, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.keys import ACCOUNTANT, ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
@@ -48,15 +48,16 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
     """With no IPFS gateway configured, run a local IPFS node (Helia, or Kubo in docker-compose)
-    for the node's lifetime and fetch adapters through it."""
+    for the node's lifetime, supervised (restarted if it dies), and fetch adapters through it."""
     settings = app[SETTINGS]
     if settings.ipfs_gateways or not settings.local_ipfs:
         yield
         return
     from node.adapters.ipfs import LocalIpfsNode
+    from node.adapters.ipfs.supervisor import NodeSupervisor
 
-    node = None
-    running = LocalIpfsNode.running_endpoints(settings.ipfs_repo)  # another `serve` over this cache dir
+    node = supervision = None
+    running = await LocalIpfsNode.running_endpoints(settings.ipfs_repo)  # another `serve` over this cache dir
     if running:
         gateway, api = running["gateway"], running["api"]
         log.info("using the local IPFS node already running over %s: gateway %s", settings.ipfs_repo, gateway)
@@ -65,6 +66,9 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, node.start)
         gateway, api = node.gateway_url, node.api_url
         log.info("local IPFS node: gateway %s, RPC %s (repo %s)", gateway, api, settings.ipfs_repo)
+        app[LOCAL_IPFS] = supervisor = NodeSupervisor(node)
+        app[METRICS].watch_local_ipfs(supervisor)
+        supervision = asyncio.create_task(supervisor.run(), name="local-ipfs-supervisor")
     app[SETTINGS] = settings.model_copy(
         update={
             "ipfs_gateways": [gateway],
@@ -75,6 +79,9 @@ async def _local_ipfs(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if supervision is not None:
+            supervision.cancel()
+            await asyncio.gather(supervision, return_exceptions=True)
         if node is not None:
             await asyncio.get_running_loop().run_in_executor(None, node.stop)
 
@@ -98,6 +105,8 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     app[ENGINE] = engine
     app[METRICS].watch_adapters(engine.adapter_stats)
+    if engine.adapters is not None:
+        app[METRICS].watch_adapter_cache(engine.adapters.cache_stats)
     app[STARTED_AT] = int(time.time())
     log.info("engine ready: %s (context %d tokens)", engine.model_name, engine.max_model_len)
     try:
@@ -117,17 +126,25 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """The answer a generation request naming this model would get: an adapter is fetched, verified
+    and validated as for one (404 if no source has it, 400 `adapter_invalid`, 503 while unavailable)."""
     name = request.match_info["model"]
-    if name not in request.app[ENGINE].list_models():
-        raise ModelNotFoundError(f"The model '{name}' does not exist on this node.", param="model")
+    engine = request.app[ENGINE]
+    if name != engine.model_name:
+        adapters = engine.adapters
+        if adapters is None or adapters.resolve(name) is None:
+            raise unknown_model(name)
+        adapters.release(await adapters.acquire(name))
     return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     stats = engine.stats()
-    status = "ok" if engine.healthy else "engine_stopped"
-    body = Health(status=status, model=engine.model_name, running=stats["running"], waiting=stats["waiting"])
+    supervisor = request.app.get(LOCAL_IPFS)
+    ipfs = None if supervisor is None else ("ok" if supervisor.up else "down")
+    status = "engine_stopped" if not engine.healthy else "degraded" if ipfs == "down" else "ok"
+    body = Health(status=status, model=engine.model_name, running=stats["running"], waiting=stats["waiting"], ipfs=ipfs)
     return web.json_response(text=body.model_dump_json(), status=200 if engine.healthy else 503)
 
 

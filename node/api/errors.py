@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
+from node.adapters.ipfs_source import cid_problem
 from node.api.keys import STREAM_RESPONSE
 from node.api.schemas import ErrorBody, ErrorResponse
 from node.engine import EngineError, PromptTooLongError, UnknownModelError
@@ -57,6 +58,24 @@ class NotFoundError(APIError, LookupError):
 class ModelNotFoundError(NotFoundError):
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+def unknown_model(name: str) -> ModelNotFoundError:
+    """404 for a name no source knows; a malformed or unsupported CID says what is wrong with it."""
+    message = f"The model {name!r} does not exist on this node."
+    problem = cid_problem(name)
+    if problem is not None:
+        message += f" It is no CID this node can fetch: {problem}."
+    return ModelNotFoundError(message, param="model")
+
+
+class UnsupportedMediaTypeError(APIError, ValueError):
+    """A body that is not JSON by its Content-Type. Browsers send text/plain, form and multipart
+    bodies cross-origin without a CORS preflight; refusing them keeps web pages from driving a node."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class MethodNotAllowedError(APIError):
@@ -127,7 +146,7 @@ def to_api_error(exc: Exception, request: web.Request) -> APIError:
         param = "messages" if request.path == "/v1/chat/completions" else "prompt"
         return ContextLengthExceededError(str(exc), param=param)
     if isinstance(exc, UnknownModelError):
-        return ModelNotFoundError(str(exc), param="model")
+        return unknown_model(exc.name)
     if isinstance(exc, AdapterNotFoundError):
         return ModelNotFoundError(f"The model does not exist: {exc}", param="model")
     if isinstance(exc, InvalidAdapterError):

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jinja2
 from aiohttp import web
@@ -28,6 +28,7 @@ from node.api.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ServiceUnavailableError,
+    UnsupportedMediaTypeError,
     from_validation_error,
 )
 from node.api.keys import ENGINE, METRICS, SETTINGS, STREAM_RESPONSE
@@ -55,6 +56,11 @@ M = TypeVar("M", bound=BaseModel)
 
 async def parse_body(request: web.Request, model: type[M]) -> tuple[M, bytes]:
     """The validated body and its raw bytes (a signed request's promptHash covers the bytes' JSON)."""
+    if "Content-Type" not in request.headers or not _is_json(request.content_type):
+        given = request.headers.get("Content-Type")
+        raise UnsupportedMediaTypeError(
+            f"Send the body as JSON with 'Content-Type: application/json' (got {given or 'no Content-Type'})."
+        )
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise PayloadTooLargeError(f"Request body too large: the limit is {request.client_max_size} bytes.")
     body = await request.read()
@@ -64,9 +70,41 @@ async def parse_body(request: web.Request, model: type[M]) -> tuple[M, bytes]:
         raise from_validation_error(exc, REQUEST_FIELD_NAMES) from None
 
 
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def _refuse_unimplemented(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """OpenAI fields we do not implement, asked for with a value that would change the answer: a 400
+    naming the field, never plain prose in their place. (JSON mode and logprobs need the sampler:
+    a per-step logits mask from a grammar library, and the chosen tokens' log-probabilities.)"""
+
+    def refuse(param: str, what: str, code: str = "unsupported_parameter") -> NoReturn:
+        raise InvalidRequestError(f"{what} is not supported by this node.", param=param, code=code)
+
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            refuse("logprobs", "'logprobs' (token log-probabilities)")
+        return
+    if req.logprobs:
+        refuse("logprobs", "'logprobs' (token log-probabilities)")
+    if req.top_logprobs:
+        refuse("top_logprobs", "'top_logprobs' (token log-probabilities)")
+    if req.response_format is not None and req.response_format.type != "text":
+        what = f"'response_format' of type '{req.response_format.type}' (output constrained to JSON)"
+        refuse("response_format.type", what, "unsupported_value")
+    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        chosen = getattr(req, choice)
+        if chosen not in (None, "none", "auto"):
+            refuse(choice, f"'{choice}' {json.dumps(chosen)[:100]} (a forced tool call)", "unsupported_value")
+        if getattr(req, tools) and chosen != "none":
+            refuse(tools, f"'{tools}' (tool calls; send '{choice}': \"none\" to have them ignored)")
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     req, raw = await parse_body(request, ChatCompletionRequest)
+    _refuse_unimplemented(req)
     if req.max_completion_tokens is not None:
         limit = ("max_completion_tokens", req.max_completion_tokens)
     else:
@@ -78,6 +116,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     req, raw = await parse_body(request, CompletionRequest)
+    _refuse_unimplemented(req)
     prompt_of = functools.partial(_completion_prompt_ids, prompt=req.prompt)
     limit = ("max_tokens", req.max_tokens)
     return await _complete(request, req, raw, _CompletionFormat(req.model), prompt_of, "prompt", limit, started)

@@ -10,6 +10,7 @@ from node.config import Settings
 
 if TYPE_CHECKING:
     from attribution.accounting import Accountant  # noqa: F401 (named in a string below)
+    from node.adapters.ipfs.supervisor import NodeSupervisor  # noqa: F401
     from node.api.metrics import Metrics  # noqa: F401
     from node.engine import AsyncEngine  # noqa: F401
 
@@ -18,6 +19,7 @@ ENGINE = web.AppKey["AsyncEngine"]("engine")
 METRICS = web.AppKey["Metrics"]("metrics")
 OPENAPI = web.AppKey("openapi", dict)
 ACCOUNTANT = web.AppKey["Accountant"]("accountant")  # absent on a node without a chain
+LOCAL_IPFS = web.AppKey["NodeSupervisor"]("local_ipfs")  # only while serve runs the local IPFS node itself
 STARTED_AT = web.AppKey("started_at", int)  # unix time the engine came up: `created` of the models
 
 # Set by a streaming handler once its headers are sent, so that the error middleware reports a

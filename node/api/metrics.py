@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.adapters.ipfs.supervisor import NodeSupervisor
 from node.api.errors import Handler
 from node.api.keys import METRICS
 
@@ -74,6 +75,14 @@ class Metrics:
         """Export the engine's adapter tiers and refusals, read at every scrape."""
         self.registry.register(_AdapterCollector(stats))
 
+    def watch_adapter_cache(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the adapter disk cache's size and the crash leftovers removed, read at every scrape."""
+        self.registry.register(_AdapterCacheCollector(stats))
+
+    def watch_local_ipfs(self, supervisor: NodeSupervisor) -> None:
+        """Export whether the supervised local IPFS node is up, and how often it died and came back."""
+        self.registry.register(_LocalIpfsCollector(supervisor))
+
     def observe_tokens(self, endpoint: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
         self.completion_tokens.labels(endpoint).inc(completion_tokens)
@@ -124,6 +133,37 @@ class _AdapterCollector(Collector):
         for reason, n in sorted(s["failures"].items()):
             failures.add_metric([reason], n)
         yield failures
+
+
+class _AdapterCacheCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        size = GaugeMetricFamily(
+            "openlora_adapter_cache_bytes", "Adapter disk cache: verified adapters and downloads in progress",
+            labels=["state"],
+        )  # fmt: skip
+        size.add_metric(["verified"], s.get("verified_bytes", 0))
+        size.add_metric(["partial"], s.get("partial_bytes", 0))
+        yield size
+        yield CounterMetricFamily(
+            "openlora_adapter_cache_leftovers_removed",
+            "Partial downloads of a dead process (crash, kill) removed from the adapter cache at start",
+            value=s.get("leftovers_removed", 0),
+        )
+
+
+class _LocalIpfsCollector(Collector):
+    def __init__(self, supervisor: NodeSupervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self):
+        s = self._supervisor
+        yield GaugeMetricFamily("openlora_local_ipfs_up", "The local IPFS node serve started is up (1) or not", s.up)
+        yield CounterMetricFamily("openlora_local_ipfs_exits", "Exits of the local IPFS node noticed", s.deaths)
+        yield CounterMetricFamily("openlora_local_ipfs_restarts", "Restarts of the local IPFS node", s.restarts)
 
 
 def endpoint_label(request: web.Request) -> str:

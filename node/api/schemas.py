@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # NaN and infinity are no numbers a client means: refused as such, not as "should be <= 2".
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -51,15 +52,32 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+_REFUSED = "Not supported yet: refused with 400 `unsupported_parameter` / `unsupported_value` rather than ignored."
+
+
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over `max_tokens` when both are set.")
+    # OpenAI fields the node does not implement. A client that asks for them must not get prose
+    # that looks like an answer, so anything but their neutral value is refused.
+    logprobs: bool | None = Field(None, description=f"Only false. {_REFUSED}")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=f"Only 0. {_REFUSED}")
+    response_format: ResponseFormat | None = Field(None, description=f'Only {{"type": "text"}}. {_REFUSED}')
+    tools: list[dict] | None = Field(None, description=f'Only with `tool_choice: "none"`. {_REFUSED}')
+    tool_choice: str | dict | None = Field(None, description=f'Only "none" or "auto" without tools. {_REFUSED}')
+    functions: list[dict] | None = Field(None, description=f"Deprecated form of `tools`. {_REFUSED}")
+    function_call: str | dict | None = Field(None, description=f"Deprecated form of `tool_choice`. {_REFUSED}")
 
 
 class CompletionRequest(GenerationBody):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="Text or token ids. A list of prompts must hold exactly one."
     )
+    logprobs: int | None = Field(None, ge=0, le=5, description=f"Only null. {_REFUSED}")
 
 
 def _field_names(*models: type[BaseModel]) -> frozenset[str]:
@@ -67,7 +85,7 @@ def _field_names(*models: type[BaseModel]) -> frozenset[str]:
 
 
 REQUEST_FIELD_NAMES = _field_names(
-    ChatCompletionRequest, CompletionRequest, ChatMessage, TextContentPart, StreamOptions
+    ChatCompletionRequest, CompletionRequest, ChatMessage, TextContentPart, StreamOptions, ResponseFormat
 )
 
 FinishReasonName = Literal["stop", "length"]
@@ -159,10 +177,14 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "engine_stopped"] = "ok"  # engine_stopped comes with HTTP 503
+    # engine_stopped comes with HTTP 503; degraded (200): the base model serves, uncached adapters don't
+    status: Literal["ok", "degraded", "engine_stopped"] = "ok"
     model: str
     running: int
     waiting: int
+    ipfs: Literal["ok", "down"] | None = Field(
+        None, description="The local IPFS node this node started and supervises (null when it runs none)."
+    )
 
 
 class ErrorBody(BaseModel):

@@ -8,49 +8,18 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
-import openai
-import pytest
 import torch
 from aiohttp import web
 from safetensors.torch import load_file, save_file
 
-from node.adapters.ipfs import KuboRpcClient, import_directory, import_file
+from node.adapters.ipfs import KuboRpcClient, import_file
 from node.adapters.ipfs_source import DiskCache, parse_adapter_cid
-from node.adapters.synthetic import make_random_adapter
 from tests.api.conftest import scrape, serve_node
 
-PROMPT = [{"role": "user", "content": "The capital of France is"}]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("local-adapters")
-    make_random_adapter(tiny_model_dir, root / "good", rank=8, seed=3, std=0.2)
-    return root / "good"
-
-
-async def publish(api_url: str, directory: Path) -> str:
-    async with KuboRpcClient(api_url) as client:
-        return str(await client.publish(import_directory(directory)))
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "openlora"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
-    )
-
-
-async def chat(url: str, model: str, n: int = 12) -> str:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60) as client:
-        resp = await client.chat.completions.create(
-            model=model, messages=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
-        )
-        return resp.choices[0].message.content
+from .conftest import PROMPT, chat, cli, publish
 
 
 async def test_publish_with_cli_then_serve_by_cid(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
@@ -96,6 +65,20 @@ def test_cli_inspect_and_prefetch(tiny_model_dir, adapter_dir, ipfs_node, tmp_pa
     assert Path(out.stdout.strip()) == tmp_path / "adapters" / cid
     out = cli("adapter", "inspect", "no-such-name", *common)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "neither a CID" in out.stderr
+
+
+async def test_cli_inspect_exits_1_for_what_the_node_would_refuse(tiny_model_dir, adapter_dir, ipfs_node, tmp_path):
+    refused = await publish(ipfs_node.api_url, _tamper(adapter_dir, tmp_path / "rank", "rank"))
+    (tmp_path / "single").write_bytes(b"just one file")
+    async with KuboRpcClient(ipfs_node.api_url) as client:
+        single = str(await client.publish(import_file(tmp_path / "single")))
+    common = ("--model", str(tiny_model_dir), "--cache-dir", str(tmp_path), "--ipfs-gateway", ipfs_node.gateway_url)
+    out = cli("adapter", "inspect", refused, *common)
+    assert out.returncode == 1 and "NO: " in out.stdout, out
+    assert out.stderr.count("\n") == 1 and "exceeds this node's maximum LoRA rank" in out.stderr
+    out = cli("adapter", "inspect", single, *common)
+    assert out.returncode == 1 and "single file of 13 bytes" in out.stdout and "0 files" not in out.stdout, out
+    assert out.stderr.count("\n") == 1 and "an adapter is a directory" in out.stderr
 
 
 # -- malicious adapters: each refused with its own message, counted in /metrics -----------------

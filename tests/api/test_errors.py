@@ -13,6 +13,7 @@ from tests.api.conftest import MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL, Node, chat_
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 LONG_PROMPT = "Hello world! " * MAX_MODEL_LEN  # well over the context in tokens
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 
 # (id, path, body, status, type, code, param)
 CASES = [
@@ -72,7 +73,43 @@ CASES = [
      "invalid_request_error", "invalid_value", "prompt"),
     ("body-too-large", "/v1/chat/completions", chat_body("x" * MAX_BODY_BYTES), 413,
      "invalid_request_error", "request_too_large", None),
+    ("temperature-nan", "/v1/chat/completions",
+     b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "invalid_request_error", "invalid_value", "temperature"),
+    ("top-p-infinity", "/v1/completions", b'{"model": "tiny", "prompt": "x", "top_p": Infinity}', 400,
+     "invalid_request_error", "invalid_value", "top_p"),
+    # OpenAI fields the node does not implement: refused, never answered with plain prose
+    ("logprobs", "/v1/chat/completions", chat_body(logprobs=True), 400,
+     "invalid_request_error", "unsupported_parameter", "logprobs"),
+    ("top-logprobs", "/v1/chat/completions", chat_body(top_logprobs=1), 400,
+     "invalid_request_error", "unsupported_parameter", "top_logprobs"),
+    ("logprobs-completions", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 0}, 400,
+     "invalid_request_error", "unsupported_parameter", "logprobs"),
+    ("json-object", "/v1/chat/completions", chat_body(response_format={"type": "json_object"}), 400,
+     "invalid_request_error", "unsupported_value", "response_format.type"),
+    ("json-schema", "/v1/chat/completions",
+     chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+     400, "invalid_request_error", "unsupported_value", "response_format.type"),
+    ("response-format-unknown", "/v1/chat/completions", chat_body(response_format={"type": "yaml"}), 400,
+     "invalid_request_error", "invalid_value", "response_format.type"),
+    ("tools", "/v1/chat/completions", chat_body(tools=[TOOL]), 400,
+     "invalid_request_error", "unsupported_parameter", "tools"),
+    ("tool-choice-required", "/v1/chat/completions", chat_body(tools=[TOOL], tool_choice="required"), 400,
+     "invalid_request_error", "unsupported_value", "tool_choice"),
+    ("tool-choice-forced", "/v1/chat/completions",
+     chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "weather"}}), 400,
+     "invalid_request_error", "unsupported_value", "tool_choice"),
+    ("functions", "/v1/chat/completions", chat_body(functions=[TOOL["function"]]), 400,
+     "invalid_request_error", "unsupported_parameter", "functions"),
 ]  # fmt: skip
+
+# Their neutral values change nothing, so they are served.
+NEUTRAL = {
+    "logprobs-false": chat_body(logprobs=False, top_logprobs=0),
+    "response-format-text": chat_body(response_format={"type": "text"}),
+    "tools-with-choice-none": chat_body(tools=[TOOL], tool_choice="none"),
+    "choice-auto-without-tools": chat_body(tool_choice="auto"),
+}
 
 
 def _body(body: bytes | dict) -> bytes:
@@ -95,6 +132,46 @@ async def test_error_json(http: aiohttp.ClientSession, node: Node, path, body, s
         assert resp.content_type == "application/json"
         assert_error(await resp.json(), status, type_, code, param)
     await node.wait_idle()  # a rejected request holds nothing
+
+
+@pytest.mark.parametrize("body", NEUTRAL.values(), ids=NEUTRAL.keys())
+async def test_neutral_values_of_unimplemented_fields_are_served(http: aiohttp.ClientSession, body: dict):
+    async with http.post("/v1/chat/completions", json={**body, "max_tokens": 2}) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_openai_client_json_mode_and_logprobs_are_refused(client: openai.AsyncOpenAI):
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    for extra, param in [({"response_format": {"type": "json_object"}}, "response_format.type"),
+                         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+                         ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(**request, **extra)
+        assert info.value.param == param and info.value.code.startswith("unsupported_")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded", "multipart/form-data",
+     "application/octet-stream", "text/json"],
+)  # fmt: skip
+async def test_bodies_not_sent_as_json_are_415(http: aiohttp.ClientSession, node: Node, content_type: str | None):
+    """text/plain, form and multipart are what a web page may POST cross-origin without a CORS preflight."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    skip = () if content_type else ("Content-Type",)
+    for path, body in [("/v1/chat/completions", chat_body()), ("/v1/completions", {"model": MODEL, "prompt": "x"})]:
+        async with http.post(path, data=json.dumps(body), headers=headers, skip_auto_headers=skip) as resp:
+            assert resp.status == 415
+            assert_error(await resp.json(), 415, "invalid_request_error", "unsupported_media_type", None)
+    await node.wait_idle()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON",
+                                          "application/vnd.openlora+json"])  # fmt: skip
+async def test_json_content_types_are_served(http: aiohttp.ClientSession, content_type: str):
+    body = json.dumps(chat_body(max_tokens=2))
+    async with http.post("/v1/chat/completions", data=body, headers={"Content-Type": content_type}) as resp:
+        assert resp.status == 200, await resp.text()
 
 
 async def test_error_in_stream_request_is_a_plain_error_status(http: aiohttp.ClientSession):

@@ -16,7 +16,7 @@ CHAT = "/v1/chat/completions"
 async def test_health(http: aiohttp.ClientSession):
     async with http.get("/health") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0}
+        assert await resp.json() == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "ipfs": None}
 
 
 async def test_metrics_after_requests(http: aiohttp.ClientSession, client: openai.AsyncOpenAI, node: Node):

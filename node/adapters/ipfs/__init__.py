@@ -26,6 +26,7 @@ from node.adapters.ipfs.errors import (
     PinError,
     SizeLimitExceeded,
     SourceChanged,
+    StorageError,
     TruncatedCar,
     UnexpectedRoot,
     UnixFSError,
@@ -37,7 +38,12 @@ from node.adapters.ipfs.gateway import GatewayClient, fetch_verified
 from node.adapters.ipfs.importer import CHUNK_SIZE, MAX_LINKS, UnixfsDag, import_directory, import_file
 from node.adapters.ipfs.kubo import KuboRpcClient, NodeVersion
 from node.adapters.ipfs.localnode import LocalIpfsNode
-from node.adapters.ipfs.verifier import VerifiedDownload, verify_car_file
+from node.adapters.ipfs.verifier import (
+    VerifiedDownload,
+    partial_downloads,
+    remove_abandoned_downloads,
+    verify_car_file,
+)
 
 __all__ = [
     "CAR_MEDIA_TYPE",
@@ -61,6 +67,7 @@ __all__ = [
     "PinError",
     "SizeLimitExceeded",
     "SourceChanged",
+    "StorageError",
     "TruncatedCar",
     "UnexpectedRoot",
     "UnixFSError",
@@ -73,5 +80,7 @@ __all__ = [
     "import_directory",
     "import_file",
     "parse_cid",
+    "partial_downloads",
+    "remove_abandoned_downloads",
     "verify_car_file",
 ]

@@ -6,6 +6,8 @@ are retryable; content that failed verification is final for the gateway that se
 
 from __future__ import annotations
 
+import errno
+
 
 class IpfsError(Exception):
     """Root of the IPFS package's exceptions. The message is safe to show to users."""
@@ -82,6 +84,25 @@ class UnsupportedEntry(IpfsError, ValueError):
 
 class SourceChanged(IpfsError, RuntimeError):
     """A file changed between hashing it and writing it into the CAR."""
+
+
+class StorageError(IpfsError, OSError):
+    """The download could not be written to local disk (full, read-only, I/O error). Not the
+    gateway's fault and not retryable elsewhere: every gateway's bytes would land on the same disk.
+    `errno` is the operating system's error number (`errno.ENOSPC` for a full disk)."""
+
+    def __init__(self, directory: str, exc: OSError) -> None:
+        what = exc.strerror or str(exc) or type(exc).__name__
+        super().__init__(exc.errno, f"cannot write the download to {directory}: {what}")
+        self.directory = directory
+        self.cause = what  # the system's words, without the path: "No space left on device"
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class GatewayError(IpfsError, ConnectionError):

@@ -24,6 +24,7 @@ from node.adapters.ipfs.errors import (
     GatewayTimeout,
     IpfsError,
     SizeLimitExceeded,
+    StorageError,
 )
 from node.adapters.ipfs.http import HttpClient
 from node.adapters.ipfs.verifier import VerifiedDownload
@@ -134,12 +135,17 @@ async def fetch_verified(
     `gateways` are tried in order: URLs (with `timeout` and `total_timeout`) or `GatewayClient`s
     (with their own timeouts and session).
 
-    Raises `FileExistsError` if that path exists, and `AllGatewaysFailed` (its `errors` list says
-    what each attempt hit) if no gateway delivered. Nothing is left in `dest_dir` on failure.
+    Raises `FileExistsError` if that path exists, `StorageError` as soon as the download cannot be
+    written locally (no other gateway can help with a full disk), and `AllGatewaysFailed` (its
+    `errors` list says what each attempt hit) if no gateway delivered. Nothing is left in
+    `dest_dir` on failure.
     """
     cid = parse_cid(cid)
     dest = Path(dest_dir) / str(cid)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(str(dest.parent), exc) from exc
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
     errors: list[IpfsError] = []
@@ -153,6 +159,8 @@ async def fetch_verified(
             for attempt in range(retries + 1):
                 try:
                     return await client.fetch(cid, dest, max_bytes=max_bytes, durable=durable)
+                except StorageError:
+                    raise
                 except IpfsError as exc:
                     errors.append(exc)
                     if not exc.retryable or attempt == retries:

@@ -4,7 +4,9 @@ and tests, and for `openlora serve` when no IPFS API is configured.
 The node binds its two ports itself (0 = any free port) and prints one JSON line when it serves:
 `{"event": "ready", "api": "http://...", "gateway": "http://...", ...}`; nothing else goes to its
 stdout. Its log (stderr) is appended to `<repo>/node.log`. It holds our end of a pipe as stdin and
-exits when that closes, so it cannot outlive this process even if we are killed.
+exits when that closes, so it cannot outlive this process even if we are killed. Once started it
+keeps its ports: a restart binds the same ones, so URLs handed out stay valid
+(`node.adapters.ipfs.supervisor` restarts a node that died).
 
     with LocalIpfsNode(repo_dir) as ipfs:            # or: async with LocalIpfsNode(repo_dir)
         KuboRpcClient(ipfs.api_url); fetch_verified(cid, [ipfs.gateway_url], ...)
@@ -21,8 +23,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from node.adapters.ipfs.errors import LocalNodeError
+from node.adapters.ipfs.errors import IpfsError, LocalNodeError
+from node.adapters.ipfs.kubo import KuboRpcClient
 
 NODE_DIR = Path(__file__).resolve().parents[3] / "scripts" / "ipfs-node"  # in a source checkout
 _LOG_TAIL_BYTES = 2000
@@ -55,7 +59,17 @@ class LocalIpfsNode:
 
     @property
     def running(self) -> bool:
+        """Whether the node process is alive (asking also reaps it if it died: no zombie stays)."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of a node that died (negative: killed by that signal), else None."""
+        return self._proc.poll() if self._proc is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -93,6 +107,8 @@ class LocalIpfsNode:
             raise
         self.api_url = ready["api"]
         self.gateway_url = ready["gateway"]
+        self.api_port = urlsplit(self.api_url).port or self.api_port  # a restart binds the same ports
+        self.gateway_port = urlsplit(self.gateway_url).port or self.gateway_port
         # Like Kubo's $IPFS_PATH/api file: other processes (the CLI) find the running node here.
         endpoints = {"api": self.api_url, "gateway": self.gateway_url, "pid": self._proc.pid}
         tmp = self.endpoints_path.with_suffix(".tmp")
@@ -104,17 +120,27 @@ class LocalIpfsNode:
         return self.repo / "endpoints.json"
 
     @staticmethod
-    def running_endpoints(repo: str | os.PathLike[str]) -> dict[str, str] | None:
-        """{"api": url, "gateway": url} of a node another process runs over `repo`, if any."""
+    async def running_endpoints(repo: str | os.PathLike[str], timeout: float = 3.0) -> dict[str, str] | None:
+        """{"api": url, "gateway": url} of a node another process runs over `repo`, if it answers.
+
+        The endpoints file alone proves nothing: its process may have died (or be a zombie that a
+        signal-0 check calls alive), and a stale file would send commands to a dead port. So the
+        node must answer its API's `version` within `timeout` seconds."""
         try:
             endpoints = json.loads((Path(repo) / "endpoints.json").read_text())
-            os.kill(int(endpoints["pid"]), 0)  # still alive?
+            api, gateway = str(endpoints["api"]), str(endpoints["gateway"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return {"api": endpoints["api"], "gateway": endpoints["gateway"]}
+        try:
+            async with KuboRpcClient(api, timeout=timeout) as client:
+                await client.version()
+        except IpfsError:
+            return None
+        return {"api": api, "gateway": gateway}
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (the node closes its stores and exits), then SIGKILL after `timeout` seconds."""
+        """SIGTERM (the node closes its stores and exits), then SIGKILL after `timeout` seconds.
+        For a node that died already: reap it and remove its endpoints file."""
         proc, self._proc = self._proc, None
         if proc is None:
             return

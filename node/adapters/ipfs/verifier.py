@@ -15,15 +15,23 @@ must have been linked from the root (`UnreferencedBlock`). Sizes are checked at 
 (`SizeLimitExceeded`).
 
 Output goes to a private work directory beside the destination; only a fully verified tree is
-renamed into place (`VerifiedDownload`), so a failure leaves nothing at the destination.
+renamed into place (`VerifiedDownload`), so a failure leaves nothing at the destination. A failure
+to write (a full or read-only disk) is a `StorageError`. The work directory
+(`.<cid>.partial-<random>`) holds a lock for as long as its download is alive, so a process killed
+mid-download leaves a directory that `remove_abandoned_downloads` recognises and deletes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,6 +44,7 @@ from node.adapters.ipfs.errors import (
     IpfsError,
     MissingBlock,
     SizeLimitExceeded,
+    StorageError,
     UnexpectedRoot,
     UnixFSError,
     UnreferencedBlock,
@@ -46,6 +55,11 @@ _ENTRY, _CHUNK = 0, 1
 _MAX_OPEN_FILES = 32
 _MAX_NAME_BYTES = 255
 READ_SIZE = 4 * 1024 * 1024
+PARTIAL_MARK = ".partial-"  # work directories are `.<dest name>.partial-<random>`
+_LOCK_FILE = "lock"
+# A work directory without its lock file is younger than this only in the instant between its
+# creation and the lock's: older, its download died there.
+_UNLOCKED_GRACE_S = 60.0
 
 
 @dataclass(slots=True)
@@ -199,7 +213,7 @@ class DagAssembler:
             self._fds.move_to_end(path)
         written = os.pwrite(fd, data, offset)
         if written != len(data):  # regular files only come up short when the disk is full
-            raise OSError(f"short write to {path}")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     def _cache_fd(self, path: str, fd: int) -> None:
         self._fds[path] = fd
@@ -269,7 +283,8 @@ class VerifiedDownload:
     Everything is written into a work directory beside `dest` (same filesystem) and renamed to
     `dest` only by `commit()`, after the last check; leaving the block without committing (an
     exception) deletes the work directory. `durable=True` fsyncs files and directories before
-    the rename, so that after a crash `dest` is either complete or absent.
+    the rename, so that after a crash `dest` is either complete or absent. Any failure to write
+    (disk full, read-only, I/O error) raises `StorageError`.
     """
 
     def __init__(self, root: CID | str, dest: Path, *, max_bytes: int, durable: bool = True) -> None:
@@ -278,35 +293,97 @@ class VerifiedDownload:
         self.max_bytes = max_bytes
         self.durable = durable
         self._work: Path | None = None
+        self._lock = -1
         self._verifier: CarVerifier | None = None
 
     def __enter__(self) -> VerifiedDownload:
         if self.dest.exists():
             raise FileExistsError(f"{self.dest} already exists")
-        self._work = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.partial-", dir=self.dest.parent))
-        self._verifier = CarVerifier(self.root, self._work / "root", self._work / "spool", self.max_bytes)
+        try:
+            self._work = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}{PARTIAL_MARK}", dir=self.dest.parent))
+            self._lock = os.open(self._work / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until __exit__, or released by our death
+            self._verifier = CarVerifier(self.root, self._work / "root", self._work / "spool", self.max_bytes)
+        except OSError as exc:
+            self._cleanup()
+            raise StorageError(str(self.dest.parent), exc) from exc
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._verifier is not None and self._work is not None
-        self._verifier.assembler.close()
-        shutil.rmtree(self._work, ignore_errors=True)
+        self._cleanup()
 
     def feed(self, chunk: bytes | memoryview) -> None:
         assert self._verifier is not None
-        self._verifier.feed(chunk)
+        with self._storage_errors():
+            self._verifier.feed(chunk)
 
     def commit(self) -> Path:
         assert self._verifier is not None and self._work is not None
-        self._verifier.finish()
-        if self.durable:
-            _fsync_tree(self._verifier.assembler)
+        with self._storage_errors():
+            self._verifier.finish()
+            if self.durable:
+                _fsync_tree(self._verifier.assembler)
         if self.dest.exists():
             raise FileExistsError(f"{self.dest} already exists")
-        os.rename(self._work / "root", self.dest)
-        if self.durable:
-            _fsync_path(self.dest.parent)
+        with self._storage_errors():
+            os.rename(self._work / "root", self.dest)
+            if self.durable:
+                _fsync_path(self.dest.parent)
         return self.dest
+
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except IpfsError:
+            raise
+        except OSError as exc:
+            raise StorageError(str(self.dest.parent), exc) from exc
+
+    def _cleanup(self) -> None:
+        if self._verifier is not None:
+            self._verifier.assembler.close()
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def partial_downloads(directory: Path) -> list[Path]:
+    """The work directories of downloads into `directory`, alive or abandoned."""
+    try:
+        return [p for p in directory.iterdir() if p.name.startswith(".") and PARTIAL_MARK in p.name and p.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def download_alive(work: Path) -> bool:
+    """Whether the download that owns the work directory `work` is still running (in any process)."""
+    try:
+        fd = os.open(work / _LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            return time.time() - work.stat().st_mtime < _UNLOCKED_GRACE_S
+        except FileNotFoundError:
+            return False  # it finished (or failed) and was removed meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_abandoned_downloads(directory: Path) -> list[Path]:
+    """Delete the work directories in `directory` whose download died (a killed process); returns them."""
+    removed = []
+    for work in partial_downloads(directory):
+        if not download_alive(work):
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+    return removed
 
 
 def verify_car_file(car: Path | BinaryIO, root: CID | str, dest: Path, *, max_bytes: int, durable: bool = True) -> Path:
