@@ -19,6 +19,7 @@ built before timing, with random signature bytes (the journal stores signatures,
            journal_records_per_s=<records/s, 64 asyncio appenders>     (target: >= 5000)
 
 Usage: .venv/bin/python scripts/bench_attribution.py [--quick] [--repeats N] [--records N] [--dir DIR] [--model DIR]
+                                                     [--only node|journal]
 """
 
 from __future__ import annotations
@@ -260,11 +261,15 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--dir", help="where the journals are written (default: the temp dir); same disk as a node's")
     parser.add_argument("--model", help="a local HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--only", choices=("node", "journal"), help="run one section (its RESULT key only)")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     console = Console(width=130)
-    result = node_section(args.quick, repeats, args.model, console)
-    result.update(journal_section(args.quick, repeats, args.records, args.dir, console))
+    result: dict[str, str] = {}
+    if args.only != "journal":
+        result.update(node_section(args.quick, repeats, args.model, console))
+    if args.only != "node":
+        result.update(journal_section(args.quick, repeats, args.records, args.dir, console))
     print("RESULT " + " ".join(f"{key}={value}" for key, value in result.items()))
 
 

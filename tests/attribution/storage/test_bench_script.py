@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_bench_attribution_runs(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "scripts/bench_attribution.py", "--records", "80", "--repeats", "1", "--dir", str(tmp_path)],
+        [sys.executable, "scripts/bench_attribution.py", "--records", "80", "--repeats", "1", "--dir", str(tmp_path),
+         "--only", "journal"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
