@@ -42,6 +42,7 @@ from node.api.errors import (
     unknown_model,
 )
 from node.api.keys import ACCOUNTANT, ENGINE, METRICS
+from node.api.schemas import AttributionInfo, PayerPosition
 from node.config import Settings
 
 
@@ -265,18 +266,17 @@ async def attribution_info(request: web.Request) -> web.Response:
         raise ServiceUnavailableError(
             "The chain cannot be read right now; retry shortly.", code="chain_unavailable"
         ) from None
-    return web.json_response(
-        {
-            "nodeFeePerToken": str(fee),
-            "chainId": accountant.domain.chain_id,
-            "settlement": accountant.domain.verifying_contract,
-            "node": accountant.node,
-            "signer": accountant.signer,
-            "maxRequestTtl": accountant.max_request_ttl,
-            "maxCommitDelay": accountant.max_commit_delay,
-            "allowUnsigned": accountant.allow_unsigned,
-        }
+    info = AttributionInfo(
+        chainId=accountant.domain.chain_id,
+        settlement=accountant.domain.verifying_contract,
+        node=accountant.node,
+        signer=accountant.signer,
+        nodeFeePerToken=str(fee),
+        maxRequestTtl=accountant.max_request_ttl,
+        maxCommitDelay=accountant.max_commit_delay,
+        allowUnsigned=accountant.allow_unsigned,
     )
+    return web.json_response(text=info.model_dump_json())
 
 
 async def payer_info(request: web.Request) -> web.Response:
@@ -293,13 +293,12 @@ async def payer_info(request: web.Request) -> web.Response:
             "The chain cannot be read right now; retry shortly.", code="chain_unavailable"
         ) from None
     uncommitted = await accountant.journal.uncommitted_charge(payer)
-    return web.json_response(
-        {
-            "payer": payer,
-            "cumulativeCap": str(await accountant.journal.highest_cap(payer)),
-            "available": str(max(available - uncommitted, 0)),
-        }
+    position = PayerPosition(
+        payer=payer,
+        cumulativeCap=str(await accountant.journal.highest_cap(payer)),
+        available=str(max(available - uncommitted, 0)),
     )
+    return web.json_response(text=position.model_dump_json())
 
 
 def _accountant(request: web.Request) -> Accountant:

@@ -63,6 +63,8 @@ def build_openapi() -> dict[str, Any]:
             (schemas.Completion, "serialization"),
             (schemas.ModelList, "serialization"),
             (schemas.Health, "serialization"),
+            (schemas.AttributionInfo, "serialization"),
+            (schemas.PayerPosition, "serialization"),
             (schemas.ErrorResponse, "serialization"),
         ],
         ref_template=_REF,
@@ -85,6 +87,28 @@ def build_openapi() -> dict[str, Any]:
                     "summary": "One served model",
                     "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": _json(schemas.ModelCard, "The model"), **_errors(404)},
+                }
+            },
+            "/v1/attribution": {
+                "get": {
+                    "summary": "What a dApp signs for this node (chain-backed nodes only; docs/dapp.md)",
+                    "responses": {
+                        "200": _json(schemas.AttributionInfo, "The EIP-712 domain, node, record signer, limits"),
+                        "404": _json(schemas.ErrorResponse, "This node has no chain: requests are unsigned and free"),
+                        "503": _json(schemas.ErrorResponse, "The chain cannot be read right now"),
+                    },
+                }
+            },
+            "/v1/attribution/payers/{payer}": {
+                "get": {
+                    "summary": "A payer's position with this node: sign above cumulativeCap",
+                    "parameters": [{"name": "payer", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json(schemas.PayerPosition, "Highest interval end seen, escrow available"),
+                        "400": _json(schemas.ErrorResponse, "Not a 0x address"),
+                        "404": _json(schemas.ErrorResponse, "This node has no chain"),
+                        "503": _json(schemas.ErrorResponse, "The chain cannot be read right now"),
+                    },
                 }
             },
             "/health": {"get": {"summary": "Liveness", "responses": {"200": _json(schemas.Health, "Serving")}}},

@@ -171,6 +171,27 @@ class ModelCard(BaseModel):
     priceOut: str | None = None  # noqa: N815
 
 
+class AttributionInfo(BaseModel):
+    """GET /v1/attribution: what a dApp signs for this node (EIP-712 domain, node, record signer, limits)."""
+
+    chainId: int  # noqa: N815 (wire names)
+    settlement: str
+    node: str
+    signer: str
+    nodeFeePerToken: str  # noqa: N815
+    maxRequestTtl: int  # noqa: N815
+    maxCommitDelay: int  # noqa: N815
+    allowUnsigned: bool  # noqa: N815
+
+
+class PayerPosition(BaseModel):
+    """GET /v1/attribution/payers/{payer}: sign above `cumulativeCap`; `available` escrow for new requests."""
+
+    payer: str
+    cumulativeCap: str  # noqa: N815
+    available: str
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
