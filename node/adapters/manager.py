@@ -3,6 +3,10 @@
     FETCHING -> VERIFIED (files on local disk) -> LOADED (validated, host memory) -> ACTIVE (in a
     device slot, managed by the engine's slot pool) | FAILED (reason kept; retried after a backoff)
 
+An adapter that failed validation is refused again, without a fetch or a load, until its content
+changes (`AdapterSource.version`): for a CID, whose content never changes, for as long as the
+node runs (the last MAX_REMEMBERED_REFUSALS refusals are remembered).
+
 Concurrent requests for the same adapter share one load. A request whose adapter is loading awaits
 that load in its own task, so it never holds up requests for other adapters. The host tier keeps
 the most recently used adapters (LRU, bounded by count); adapters held by in-flight requests are
@@ -73,7 +77,9 @@ class AdapterManager:
         self._host: OrderedDict[str, None] = OrderedDict()  # LOADED adapters, least recent first
         self.loads = 0
         self.failure_counts: dict[str, int] = {}  # refusals and fetch failures by reason, for /metrics
-        self._refused: OrderedDict[str, object] = OrderedDict()  # key -> the source's version when refused
+        # key -> (the source's version when refused, the refusal): the same content is refused again
+        # without a fetch or a load, for good when it is content-addressed
+        self._refused: OrderedDict[str, tuple[object, InvalidAdapterError]] = OrderedDict()
         self._checked: dict[str, tuple[object, bool]] = {}  # local adapters: key -> (version, header check ok)
 
     @property
@@ -106,7 +112,7 @@ class AdapterManager:
         if key is None:
             return False
         version = source.version(name)
-        if key in self._refused and self._refused[key] == version:
+        if key in self._refused and self._refused[key][0] == version:
             return False
         path = source.local_path(name)
         if path is None:
@@ -145,6 +151,10 @@ class AdapterManager:
             raise LookupError(name)
         source, key = found
         entry = self._entries.get(key)
+        if entry is None or (entry.state is AdapterState.FAILED and entry.loading is None):
+            refusal = self._refused.get(key)
+            if refusal is not None and refusal[0] == source.version(key):
+                raise refusal[1]  # refused before and unchanged since: it would be refused again
         if entry is None:
             entry = self._entries[key] = _Entry(key, source)
         while entry.adapter is None:
@@ -176,7 +186,7 @@ class AdapterManager:
             await loop.run_in_executor(None, entry.source.accepted, entry.name)
         except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
             if isinstance(exc, InvalidAdapterError):
-                self._refused[entry.name] = entry.source.version(entry.name)
+                self._refused[entry.name] = (entry.source.version(entry.name), exc)
                 while len(self._refused) > MAX_REMEMBERED_REFUSALS:
                     self._refused.popitem(last=False)
                 if fetched:

@@ -125,3 +125,22 @@ async def test_host_tier_of_one_serves_a_second_adapter_while_the_first_is_held(
     assert other.name == "a1" and manager.loads == 2
     manager.release(other)
     manager.release(held)
+
+
+async def test_refused_cid_is_not_fetched_again_after_the_backoff(adapters_root, base, ipfs_node, tmp_path):
+    """A CID's content never changes: once refused, it is refused from memory, not re-downloaded
+    every time its backoff passes (a client naming junk CIDs cannot make the node fetch them over)."""
+    junk = tmp_path / "junk"
+    shutil.copytree(adapters_root / "a0", junk)
+    cfg = json.loads((junk / CONFIG_FILE).read_text())
+    (junk / CONFIG_FILE).write_text(json.dumps({**cfg, "r": 64}))  # over max_rank
+    async with KuboRpcClient(ipfs_node.api_url) as client:
+        cid = str(await client.publish(import_directory(junk)))
+    source = IpfsAdapterSource([ipfs_node.gateway_url], DiskCache(tmp_path / "cache", 1 << 30))
+    manager = AdapterManager([source], base, max_rank=8, retry_backoff_s=0.01)
+    for _ in range(3):
+        with pytest.raises(InvalidAdapterError, match="exceeds this node's maximum LoRA rank"):
+            await manager.acquire(cid)
+        await asyncio.sleep(0.05)  # past the backoff
+    assert source.fetches == 1 and manager.failure_counts == {"rank": 1}
+    assert not (tmp_path / "cache" / cid).exists()
