@@ -8,26 +8,16 @@ import re
 from pathlib import Path
 
 import pytest
-from eth_utils import to_checksum_address
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from attribution import types
 from attribution.chain import Chain, UsageSettlementClient
 from attribution.errors import ContractRevert, SignatureError
 from attribution.signing import address_of, recover, sign_request
 from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature, UsageRecord
+from tests.attribution.test_types import keys, records, requests  # one set of strategies for both
 
 SOURCE = Path(__file__).resolve().parents[2] / "contracts" / "src" / "UsageTypes.sol"
-
-addresses = st.binary(min_size=20, max_size=20).map(to_checksum_address)
-uint = lambda bits: st.integers(min_value=0, max_value=(1 << bits) - 1)  # noqa: E731
-bytes32 = st.binary(min_size=32, max_size=32)
-requests = st.builds(
-    InferenceRequest, addresses, addresses, uint(64), bytes32, uint(32), uint(32), uint(128), uint(128), uint(64)
-)
-records = st.builds(UsageRecord, bytes32, uint(32), uint(32), uint(128), uint(128), bytes32, uint(64))
-keys = st.integers(min_value=1, max_value=SECP256K1_N - 1).map(lambda k: k.to_bytes(32, "big"))
 
 
 def test_type_strings_match_the_solidity_source() -> None:
