@@ -268,7 +268,7 @@ async def up(settings: Settings, *, chain_port: int | None = None) -> None:
     try:
         async with local_network(settings, devnet_dir(settings), chain_port=chain_port) as net:
             _write_state(settings, net.anvil.rpc_url, net.url, net.provisioned.adapters)
-            _print_ready(net.url, net.anvil.rpc_url, net.provisioned)
+            _print_ready(net.url, net.anvil.rpc_url, net.ipfs.gateway_url, net.provisioned)
             await _wait_for_signal()
             log.info("devnet: shutting down")
     finally:
@@ -326,13 +326,14 @@ def _write_state(settings: Settings, rpc_url: str, node_url: str, cids: dict[str
     tmp.replace(state_file(settings))
 
 
-def _print_ready(url: str, rpc_url: str, payer_key: Path, cids: dict[str, str], payer: str) -> None:
-    names = ", ".join(cids)
+def _print_ready(url: str, rpc_url: str, gateway: str, done: Provisioned) -> None:
     print(
-        f"\nOpenLoRA devnet is up: node {url}, chain {rpc_url}, adapters {names}.\n"
-        f"Demo payer {payer} has {PAYER_DEPOSIT // OPEN} OPEN in escrow with the node. Send a paid request:\n\n"
-        f"  .venv/bin/openlora client chat --node-url {url} --model {next(iter(cids))} "
-        f'--key-file {payer_key} "What is the capital of France?"\n\n'
+        f"\nOpenLoRA devnet is up: node {url}, chain {rpc_url}, adapters {', '.join(done.adapters)}.\n"
+        f"Demo payer {done.payer} has {PAYER_DEPOSIT // OPEN} OPEN in escrow with the node. Send a paid request:\n\n"
+        f"  .venv/bin/openlora client chat --node-url {url} --model {next(iter(done.adapters))} "
+        f'--key-file {done.payer_key} "What is the capital of France?"\n\n'
+        f"Audit it: .venv/bin/openlora audit --rpc-url {rpc_url} --deployments {done.deployments} "
+        f"--ipfs-gateway {gateway}\n"
         "Stop with Ctrl-C or `.venv/bin/openlora devnet down`.\n",
         flush=True,
     )
