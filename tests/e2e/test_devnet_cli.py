@@ -41,11 +41,17 @@ def test_devnet_up_paid_request_audit_down(tiny_model_dir: Path, tmp_path: Path)
         paid = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert paid.returncode == 0, paid.stderr
         assert "verified usage record" in paid.stdout
-        audit = next(line.strip() for line in lines if "openlora audit" in line)
-        report = subprocess.run(shlex.split(audit.replace(".venv/bin/openlora", OPENLORA)), cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert report.returncode == 0, report.stdout + report.stderr
-        assert re.search(r"audit: \d+ batches, \d+ records, clean", report.stdout), text + report.stdout
+        audit = shlex.split(
+            next(line.strip() for line in lines if "openlora audit" in line).replace(".venv/bin/openlora", OPENLORA)
+        )
+        deadline = time.monotonic() + 180  # the devnet node commits every 30 s
+        while True:
+            report = subprocess.run(audit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert report.returncode == 0, report.stdout + report.stderr
+            if re.search(r"audit: [1-9]\d* batches, 1 records, clean", report.stdout):
+                break
+            assert time.monotonic() < deadline, text + report.stdout
+            time.sleep(5)
         down = subprocess.run([OPENLORA, "devnet", "down", *common], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert down.returncode == 0 and "devnet stopped" in down.stdout, down.stderr
