@@ -40,7 +40,7 @@ def test_devnet_up_paid_request_audit_down(tiny_model_dir: Path, tmp_path: Path)
                                                                                "--state-file", str(tmp_path / "caps")]  # fmt: skip
         paid = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert paid.returncode == 0, paid.stderr
-        assert "verified usage record" in paid.stdout
+        assert "verified usage record" in paid.stdout + paid.stderr  # the answer on stdout, the record on stderr
         audit = shlex.split(
             next(line.strip() for line in lines if "openlora audit" in line).replace(".venv/bin/openlora", OPENLORA)
         )
