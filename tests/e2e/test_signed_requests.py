@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import time
 
 import aiohttp
@@ -12,6 +14,7 @@ import pytest
 
 from attribution.caps import CapLedger
 from attribution.client import OpenLoRAClient
+from attribution.keys import load_keystore
 from attribution.signing import address_of, sign_request
 from attribution.storage import State
 from attribution.tokens import InputTokenCounter
@@ -174,3 +177,53 @@ async def test_models_and_attribution_endpoints(net: LocalNetwork) -> None:
     assert models[net.app[ENGINE].model_name]["adapterId"] == "0"
     assert info["node"] == net.app[ACCOUNTANT].node and int(info["nodeFeePerToken"]) > 0
     assert int(position["available"]) <= PAYER_DEPOSIT
+
+
+async def test_stream_cut_midway_is_recorded_for_what_was_sent(net: LocalNetwork) -> None:
+    """The client leaves after a few events: the node records (and will charge) the tokens it sent, not the
+    max_tokens it was allowed, and not nothing."""
+    payload = {**body(net, "Tell me a long story", max_tokens=200), "stream": True, "ignore_eos": True}
+    payload, headers = await signed(net, payload)
+    request = InferenceRequest.from_wire(json.loads(headers[REQUEST_HEADER]))
+    digest = request.digest(net.app[ACCOUNTANT].domain)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{net.url}/v1/chat/completions", json=payload, headers=headers)
+        assert response.status == 200
+        events = 0
+        async for line in response.content:
+            events += line.startswith(b"data: ")
+            if events == 4:
+                break
+        response.close()  # the client goes away mid-stream
+    journal = net.app[ACCOUNTANT].journal
+
+    async def recorded() -> bool:
+        return await journal.get(digest) is not None
+
+    deadline = time.monotonic() + 30
+    while not await recorded():
+        assert time.monotonic() < deadline, "no record for the cut stream"
+        await asyncio.sleep(0.1)
+    record = (await journal.get(digest)).usage.record
+    assert 1 <= record.output_tokens < 200
+    price = net.app[ACCOUNTANT].ledger
+    terms = await price.terms(0, net.app[ACCOUNTANT].node, record.served_at)
+    assert record.charge == terms.charge(request.input_tokens, record.output_tokens)[1]
+
+
+async def test_no_key_in_logs_errors_or_metrics(net: LocalNetwork, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys = [payer_key(net).removeprefix("0x").lower()]
+    keys.append(load_keystore(net.provisioned.keystore, net.provisioned.password_file.read_text().strip()).hex())
+    texts = []
+    for changes in ({}, {"node": "0x" + "11" * 20}, {"input_tokens": 1}):
+        payload, headers = await signed(net, body(net), **changes)
+        texts.append(json.dumps((await post(net, payload, headers))[1]))
+    async with aiohttp.ClientSession() as http:
+        for path in ("/metrics", "/v1/attribution", "/health", "/v1/models"):
+            async with http.get(f"{net.url}{path}") as response:
+                texts.append(await response.text())
+    texts.append(caplog.text)
+    texts.append(net.settings.model_dump_json())  # settings render secrets masked
+    for key in keys:
+        assert all(key not in text.lower() for text in texts)
