@@ -41,8 +41,9 @@ def test_devnet_up_paid_request_audit_down(tiny_model_dir: Path, tmp_path: Path)
         paid = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert paid.returncode == 0, paid.stderr
         assert "verified usage record" in paid.stdout + paid.stderr  # the answer on stdout, the record on stderr
+        audit_line = next(line for line in lines if "openlora audit" in line)
         audit = shlex.split(
-            next(line.strip() for line in lines if "openlora audit" in line).replace(".venv/bin/openlora", OPENLORA)
+            audit_line[audit_line.index(".venv/bin/openlora") :].replace(".venv/bin/openlora", OPENLORA)
         )
         deadline = time.monotonic() + 180  # the devnet node commits every 30 s
         while True:
