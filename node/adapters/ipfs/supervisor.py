@@ -52,12 +52,15 @@ class NodeSupervisor:
             await asyncio.sleep(self.poll_s)
             if self.node.running:
                 continue
+            pid, status = self.node.pid, self.node.returncode
+            # Reap it and remove its endpoints file before reporting it down: whoever sees "down" finds no
+            # zombie and no file that sends them to a dead port.
+            await _finish_in_thread(self.node.stop)
             self.up = False
             self.deaths += 1
             failures = failures + 1 if time.monotonic() - self._up_since < self.stable_s else 0
-            self.last_error = f"exited with status {self.node.returncode}"
-            log.error("the local IPFS node (pid %s) %s; restarting it", self.node.pid, self.last_error)
-            await _finish_in_thread(self.node.stop)  # reaps it, removes its endpoints file
+            self.last_error = f"exited with status {status}"
+            log.error("the local IPFS node (pid %s) %s; restarting it", pid, self.last_error)
             while True:
                 if failures:
                     await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1)))
