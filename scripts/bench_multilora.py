@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import left_pad, running, tokens_per_s
+from benchlib import chat_prompts, left_pad, running, tokens_per_s
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -34,28 +34,6 @@ from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 from node.threads import run_in_fresh_thread
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.",
-    "List three uses of a paperclip.",
-    "Why is the sky blue?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do I sort a list in Python?",
-    "What is a LoRA adapter?",
-]
-
-
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"}],
-            add_generation_prompt=True,
-            return_dict=False,
-        )
-        for i in range(n)
-    ]
 
 
 def run_peft(model, prompts, adapter_names, new_tokens: int, pad_id: int) -> float:

@@ -62,6 +62,32 @@ async def tokens_per_s(
     return sum(s.tokens for s in served) / wall
 
 
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one paragraph.",
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I sort a list in Python?",
+    "What is a LoRA adapter?",
+]
+
+
+def chat_prompts(tokenizer, n: int, system: str | None = None) -> list[list[int]]:
+    """n chat requests (token ids, generation prompt added), each question made distinct by its number;
+    with `system`, every request starts with that system message."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [
+        tokenizer.apply_chat_template(
+            head + [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for i in range(n)
+    ]
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of a left-padded batch, as `generate` wants for decoder-only models."""
     width = max(map(len, prompts))
