@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1)
     num_kv_blocks: int = Field(2048, ge=1, description="KV-cache blocks (each holds kv_block_size tokens)")
     max_model_len: int | None = Field(None, ge=1, description="context limit; default: the model's")
-    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per engine step")
+    max_prefill_tokens: int = Field(
+        2048, ge=1, description="prompt tokens prefilled per engine step; one prompt takes at most a quarter"
+    )
     default_max_tokens: int = Field(256, ge=1)
 
     # LoRA adapters

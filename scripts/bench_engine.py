@@ -9,6 +9,10 @@ system has the machine to itself: transformers loads and runs in threads of thei
 with their work, and our engine is stopped meanwhile (node/threads.py: two OpenMP pools in one
 process slow both down).
 
+Second table (ours only): time to first token of a short request alone, and sent while a long
+prompt (6,000 tokens; 4,000 with --quick) is being prefilled (sent as soon as that one is admitted):
+chunked prefill shares each step, so the short one should wait about a chunk, not the whole prompt.
+
     .venv/bin/python scripts/bench_engine.py [--quick]
 """
 
@@ -88,6 +92,23 @@ def run_hf(model, reqs, pad_id: int) -> dict:
     return {"tok_s": useful / wall, "lat_mean": wall, "lat_p95": wall, "ttft": first.at - t0}
 
 
+async def first_token_s(engine: AsyncEngine, ids: list[int]) -> float:
+    """Seconds from submission to the first token of a greedy request for one token."""
+    served, _ = await serve_all(engine, [ids], [1], [None])
+    return served[0].first_token_s
+
+
+async def ttft_behind_long(engine: AsyncEngine, short: list[int], long: list[int]) -> tuple[float, float]:
+    """TTFT of `short` sent as soon as `long` is admitted (its prefill under way), and the long one's TTFT."""
+    t0 = time.perf_counter()
+    long_task = asyncio.create_task(first_token_s(engine, long))
+    while engine.stats()["running"] == 0:
+        await asyncio.sleep(0.001)
+    behind = await first_token_s(engine, short)
+    await long_task
+    return behind, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller workload, under 2 minutes")
@@ -105,18 +126,25 @@ def main() -> None:
     hf = run_in_fresh_thread(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
 
+    g = torch.Generator().manual_seed(1)
+    short = torch.randint(100, 40000, (8,), generator=g).tolist()
+    long = torch.randint(100, 40000, (4000 if args.quick else 6000,), generator=g).tolist()
+
     async def bench():
         run_in_fresh_thread(run_hf, hf, reqs[:4], pad)  # warm-up
-        ours, theirs = [], []
+        ours, theirs, stall = [], [], []
         for i in range(repeats):  # interleaved: machine noise hits both alike
             async with running(engine):
                 if i == 0:
                     await run_ours(engine, reqs[:4])  # warm-up
                 ours.append(await run_ours(engine, reqs))
+                alone = await first_token_s(engine, short)
+                behind, long_s = await ttft_behind_long(engine, short, long)
+                stall.append({"alone": alone, "behind": behind, "long": long_s})
             theirs.append(run_in_fresh_thread(run_hf, hf, reqs, pad))
-        return ours, theirs
+        return ours, theirs, stall
 
-    ours, theirs = asyncio.run(bench())
+    ours, theirs, stall = asyncio.run(bench())
     med = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         for name, runs in (("ours", ours), ("hf", theirs))
@@ -131,6 +159,14 @@ def main() -> None:
         print(f"{label:<34}{m['tok_s']:>10.1f}{m['lat_mean']:>12.2f}{m['lat_p95']:>11.2f}{m['ttft']:>9.2f}")
     ratio = med["ours"]["tok_s"] / med["hf"]["tok_s"]
     print(f"{'ratio ours/transformers':<34}{ratio:>10.2f}")
+    st = {k: statistics.median(r[k] for r in stall) for k in stall[0]}
+    chunk = engine.runner.scheduler.prefill_chunk
+    print(
+        f"\nshort request ({len(short)} tokens, 1 new) sent while a {len(long)}-token prompt prefills "
+        f"(prefill chunk {chunk} tokens), median of {repeats}"
+    )
+    print(f"{'TTFT short alone s':<34}{'behind long s':>14}{'ratio':>8}{'long prompt TTFT s':>20}")
+    print(f"{st['alone']:<34.2f}{st['behind']:>14.2f}{st['behind'] / st['alone']:>8.1f}{st['long']:>20.2f}")
     print(f"RESULT engine_vs_hf_generate={ratio:.2f}")
 
 

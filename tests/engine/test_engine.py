@@ -174,3 +174,36 @@ async def test_request_larger_than_kv_cache_is_rejected(make_engine):
     engine = await make_engine(num_kv_blocks=4)
     with pytest.raises(PromptTooLongError, match="KV cache"):
         await run(engine, prompt(10, 1), max_tokens=10)
+
+
+async def test_short_request_is_not_stalled_by_a_long_prefill(make_engine):
+    """While a long prompt is prefilled (a chunk of 4 tokens per step here: 120 steps), a short
+    request sent meanwhile gets its first token within a few steps, before the long one's, and a
+    request already decoding finishes meanwhile; every output equals its solo run."""
+    engine = await make_engine(max_prefill_tokens=16)  # before chunking: 30 steps of 16, all of it
+    long_ids, short_ids, decoding_ids = prompt(480, 7), prompt(4, 8), prompt(6, 9)
+    solo = [await run(engine, ids, max_tokens=n) for ids, n in ((long_ids, 3), (short_ids, 3), (decoding_ids, 30))]
+    firsts: dict[str, int] = {}
+
+    async def timed(name: str, ids: list[int], n: int):
+        tokens: list[int] = []
+        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        async for out in engine.generate(GenerationRequest(f"{name}{next(_ids)}", ids, sp)):
+            firsts.setdefault(name, engine.runner.steps)
+            tokens += out.token_ids
+        return tokens
+
+    decoding = asyncio.create_task(timed("decoding", decoding_ids, 30))
+    while "decoding" not in firsts:
+        await asyncio.sleep(0.001)
+    long = asyncio.create_task(timed("long", long_ids, 3))
+    start = engine.runner.steps
+    while engine.runner.steps < start + 3:  # the long prompt is being read
+        await asyncio.sleep(0.001)
+    sent_at = engine.runner.steps
+    short = await timed("short", short_ids, 3)
+    assert firsts["short"] - sent_at <= 10  # generous: the scheduler admits it at the next step
+    assert "long" not in firsts  # the long prefill is still running
+    decoded = await decoding  # a token per step: 30 steps, a quarter of the long prefill
+    assert "long" not in firsts
+    assert [await long, short, decoded] == [s[0] for s in solo]
