@@ -55,7 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 PEER_VENV = ROOT / ".venv-peers"
 PEER_REQUIREMENTS = SCRIPTS / "peers-requirements.txt"
-WORKER_TIMEOUT_S = 1200  # a vLLM start on a loaded 2-core machine takes ~2 minutes; a workload under 1
+# A worker that answers nothing for this long is stopped. Generous: on a quiet machine a start takes
+# under a minute and a workload well under one, but on an oversubscribed 2-core machine our engine's
+# full (c) ran past 20 minutes (BENCHMARKS.md, issue 11).
+WORKER_TIMEOUT_S = 3 * 3600
 
 
 def ensure_peer_venv() -> Path:
@@ -163,21 +166,26 @@ class Worker:
             self.proc.stdin.write(workload_name + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
-            self._fail()
+            self.proc.wait()
+            self._fail(f"exited with status {self.proc.returncode}")
         return Run.of(self._read())
 
     def _read(self) -> dict:
         ready, _, _ = select.select([self.results], [], [], WORKER_TIMEOUT_S)
-        line = self.results.readline() if ready else ""
-        if not line:
-            self._fail()
+        if not ready:
+            self._fail(f"gave no answer in {WORKER_TIMEOUT_S} s")
+        line = self.results.readline()
+        if not line:  # its end of the pipe closed: it is exiting
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+            self._fail(f"exited with status {self.proc.returncode}")
         return json.loads(line)
 
-    def _fail(self) -> NoReturn:
+    def _fail(self, what: str) -> NoReturn:
         self.proc.kill()
         self.proc.wait()
         tail = "".join(self.log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"error: the {self.name} worker died or hung; the end of {self.log}:\n{tail}")
+        raise SystemExit(f"error: the {self.name} worker {what}; the end of {self.log}:\n{tail}")
 
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError):

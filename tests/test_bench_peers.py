@@ -138,9 +138,9 @@ def test_a_worker_that_fails_is_reported_with_its_log(tiny_model_dir: Path, tmp_
     spec = _worker_spec(tiny_model_dir, adapter, [[5, 17, 42]])
     argv = [sys.executable, str(ROOT / "scripts" / "peer_openlora.py")]
     worker = Worker("openlora", argv, spec, tmp_path, {"PYTHONPATH": str(ROOT)})
-    with pytest.raises(SystemExit, match=r"(?s)openlora worker died or hung.*KeyError: 'nope'"):
+    with pytest.raises(SystemExit, match=r"(?s)openlora worker exited with status 1.*KeyError: 'nope'"):
         worker.run("nope")
     worker.close()
 
-    with pytest.raises(SystemExit, match=r"(?s)openlora worker died or hung.*does not exist"):
+    with pytest.raises(SystemExit, match=r"(?s)openlora worker exited with status 1.*does not exist"):
         Worker("openlora", argv, {**spec, "model": str(tmp_path / "missing")}, tmp_path, {"PYTHONPATH": str(ROOT)})
