@@ -19,6 +19,7 @@ from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
 from node.config import Settings
 from node.engine import AsyncEngine
+from node.engine.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,26 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].watch_adapters(engine.adapter_stats)
     if engine.adapters is not None:
         app[METRICS].watch_adapter_cache(engine.adapters.cache_stats)
+    warm = await _warm_up(engine)
+    app[METRICS].warmup_seconds.set(warm)
     app[STARTED_AT] = int(time.time())
-    log.info("engine ready: %s (context %d tokens)", engine.model_name, engine.max_model_len)
+    log.info("engine ready: %s (context %d tokens, warmed up in %.2f s)", engine.model_name, engine.max_model_len, warm)
     try:
         yield
     finally:
         await engine.stop()
+
+
+async def _warm_up(engine: AsyncEngine) -> float:
+    """One short greedy generation before the node serves (so before /health can say ok): the first
+    forward passes pay one-time costs (oneDNN primitives, the OpenMP pool, first-touch memory), which
+    made the first real request after start take 5-9 s with SmolLM2. Returns the seconds it took."""
+    started = time.perf_counter()
+    prompt = engine.tokenizer.encode("Hello, how are you?") or [0]
+    request = GenerationRequest("warmup", prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    async for _ in engine.generate(request):
+        pass
+    return time.perf_counter() - started
 
 
 async def _card(app: web.Application, name: str) -> ModelCard:

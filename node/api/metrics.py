@@ -47,6 +47,9 @@ class Metrics:
         self.waiting = Gauge("openlora_requests_waiting", "Sequences queued for admission", registry=r)
         self.kv_blocks_used = Gauge("openlora_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge("openlora_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.warmup_seconds = Gauge(
+            "openlora_warmup_seconds", "The warm-up generation run at start, before the node serves", registry=r
+        )
         # Attribution (a node with a chain). Adapter labels are bounded: past MAX_ADAPTER_LABELS, "other".
         self.paid_requests = Counter("openlora_paid_requests", "Signed requests recorded", ["adapter"], registry=r)
         self.paid_tokens = Counter(

@@ -42,6 +42,7 @@ async def test_metrics_after_requests(http: aiohttp.ClientSession, client: opena
     assert after("openlora_requests_total", endpoint="/metrics", status="200") >= 1
     assert after("openlora_kv_blocks_total") == node.engine.stats()["kv_blocks_total"] == 128
     assert after("openlora_kv_blocks_used") == 0
+    assert after("openlora_warmup_seconds") > 0  # the node ran a generation before it served (issue 12 item 10)
     assert after("openlora_requests_running") == after("openlora_requests_waiting") == 0
 
 
