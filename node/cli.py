@@ -26,7 +26,7 @@ log = logging.getLogger("openlora")
 # Settings fields each command takes as flags (`max_num_seqs` -> `--max-num-seqs`).
 SERVE_FLAGS = (
     "host", "port", "model", "served_model_name", "cache_dir", "dtype", "device", "threads",
-    "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens",
+    "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens", "prefix_caching",
     "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
     "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
     "ipfs_timeout", "chain_rpc_url", "deployments", "node_keystore", "node_key_password_file", "node_address",

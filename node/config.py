@@ -63,6 +63,7 @@ class Settings(BaseSettings):
         2048, ge=1, description="prompt tokens prefilled per engine step; one prompt takes at most a quarter"
     )
     default_max_tokens: int = Field(256, ge=1)
+    prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before, per adapter")
 
     # LoRA adapters
     adapters_dir: Path | None = Field(None, description="directory of PEFT adapters, one sub-directory each")

@@ -50,6 +50,10 @@ class Metrics:
         self.warmup_seconds = Gauge(
             "openlora_warmup_seconds", "The warm-up generation run at start, before the node serves", registry=r
         )
+        self.prefix_cache = Counter(
+            "openlora_prefix_cache_tokens", "Prompt tokens at admission, found in the prefix cache (hit) or not (miss)",
+            ["result"], registry=r,
+        )  # fmt: skip
         # Attribution (a node with a chain). Adapter labels are bounded: past MAX_ADAPTER_LABELS, "other".
         self.paid_requests = Counter("openlora_paid_requests", "Signed requests recorded", ["adapter"], registry=r)
         self.paid_tokens = Counter(
@@ -113,6 +117,9 @@ class Metrics:
         self.waiting.set(engine_stats["waiting"])
         self.kv_blocks_used.set(engine_stats["kv_blocks_used"])
         self.kv_blocks_total.set(engine_stats["kv_blocks_total"])
+        for result in ("hit", "miss"):  # the engine counts since its start; the counter follows
+            counter = self.prefix_cache.labels(result)
+            counter.inc(max(0, engine_stats[f"prefix_cache_{result}_tokens"] - counter._value.get()))
         return generate_latest(self.registry)
 
 

@@ -83,6 +83,7 @@ class AsyncEngine:
             max_prefill_tokens=settings.max_prefill_tokens,
             eos_token_ids=eos,
             lora_pool=pool,
+            prefix_cache_id=name if settings.prefix_caching else None,
         )
         return cls(runner, name, max_len, adapters)
 
@@ -115,7 +116,8 @@ class AsyncEngine:
         return self.runner.alive and self.runner.error is None
 
     def stats(self) -> dict[str, int]:
-        """running, waiting, kv_blocks_used, kv_blocks_total."""
+        """running, waiting, kv_blocks_used, kv_blocks_total, kv_blocks_cached (free, kept for
+        their prefix), prefix_cache_hit_tokens and prefix_cache_miss_tokens (since start)."""
         return self.runner.stats()
 
     def check(self, request: GenerationRequest) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,7 @@ from node.engine.errors import EngineStoppedError
 from node.engine.kv_cache import KVCache
 from node.engine.lora import LoraSlotPool
 from node.engine.model import LlamaModel
+from node.engine.prefix_cache import adapter_cid, adapter_digest, root_key
 from node.engine.sampling import make_generator, sample
 from node.engine.scheduler import Scheduler, Sequence
 from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
@@ -41,7 +43,10 @@ class EngineRunner:
         max_prefill_tokens: int,
         eos_token_ids: set[int],
         lora_pool: LoraSlotPool | None = None,
+        prefix_cache_id: str | None = None,
     ) -> None:
+        """prefix_cache_id: the base model's identity, which the key chains of base requests
+        start from (node/engine/prefix_cache.py); None turns prefix caching off."""
         cfg = model.cfg
         self.model = model
         self.tokenizer = tokenizer
@@ -54,6 +59,9 @@ class EngineRunner:
         self.scheduler = Scheduler(
             self.kv, max_num_seqs, max_prefill_tokens, acquire=self._acquire_slot, release=self._release_slot
         )
+        self.prefix_cache_id = prefix_cache_id
+        # name of an adapter without a CID -> (the LoraAdapter it was computed for, its key-chain root)
+        self._digest_roots: dict[str, tuple[weakref.ref[LoraAdapter], bytes]] = {}
         self._seqs: dict[str, Sequence] = {}  # by request id: everything submitted and not finished
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -118,6 +126,9 @@ class EngineRunner:
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_used": alloc.num_used,
             "kv_blocks_total": alloc.num_blocks,
+            "kv_blocks_cached": alloc.num_cached,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
+            "prefix_cache_miss_tokens": self.scheduler.prefix_miss_tokens,
         }
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -130,6 +141,23 @@ class EngineRunner:
             return False
         seq.lora_slot = slot
         return True
+
+    def _prefix_root(self, lora: LoraAdapter | None) -> bytes | None:
+        """Where the sequence's block keys start: the base model's name, the adapter's CID, or
+        for an adapter without one a digest of its weights, computed once per adapter object (a
+        local adapter reloaded after an edit is a new object)."""
+        if self.prefix_cache_id is None:
+            return None
+        if lora is None:
+            return root_key(f"base:{self.prefix_cache_id}")
+        cid = adapter_cid(lora)
+        if cid is not None:
+            return root_key(f"cid:{cid}")
+        known = self._digest_roots.get(lora.name)
+        if known is None or known[0]() is not lora:
+            known = (weakref.ref(lora), root_key(f"sha256:{adapter_digest(lora)}"))
+            self._digest_roots[lora.name] = known
+        return known[1]
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.lora_slot >= 0:
@@ -147,6 +175,7 @@ class EngineRunner:
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, set()
                 for seq in inbox:
+                    seq.prefix_root = self._prefix_root(seq.lora)
                     self._seqs[seq.request_id] = seq
                     self.scheduler.add(seq)
                 for request_id in aborts:
@@ -187,8 +216,7 @@ class EngineRunner:
         )
         self.before_forward(batch)
         logits = self.model.forward(batch, self.kv.k, self.kv.v)
-        for seq, work in scheduled.decodes + scheduled.prefills:
-            seq.num_cached = work.end
+        self.scheduler.complete(scheduled)
         sampling_seqs = scheduled.sampling_seqs()
         new_tokens = sample(
             logits.cpu(), [s.request.sampling for s in sampling_seqs], [s.generator for s in sampling_seqs]

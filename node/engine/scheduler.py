@@ -6,7 +6,8 @@ quarter of that per step, and while sequences wait, the running prefills leave o
 budget to them. So a long prompt is read a chunk per step, a short request that arrives meanwhile
 is admitted at the next step and gets its first token about one chunk's time later (not after the
 whole long prompt), and decodes keep flowing. Admission is first come, first served, bounded by
-`max_num_seqs` and free KV blocks. When a decode cannot get a new block, the most recently
+`max_num_seqs` and free KV blocks; a sequence starts from the cached blocks of its adapter's
+longest cached prefix (node/engine/kv_cache.py) and prefills the rest. When a decode cannot get a new block, the most recently
 admitted sequence is preempted: its blocks are freed and it goes back to the front of the queue,
 to be recomputed from its tokens later.
 """
@@ -24,6 +25,7 @@ from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import SeqWork
 from node.engine.detokenizer import IncrementalDetokenizer
 from node.engine.kv_cache import KVCache
+from node.engine.prefix_cache import extend_keys
 from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
 
 
@@ -47,6 +49,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     lora_slot: int = -1
     finish_reason: FinishReason | None = None
+    prefix_root: bytes | None = None  # start of its blocks' key chain; None: no prefix caching
+    block_keys: list[bytes] = field(default_factory=list)  # keys of its full blocks, as far as computed
+    num_keyed: int = 0  # blocks of its table that carry their key
 
     @property
     def request_id(self) -> str:
@@ -92,6 +97,9 @@ class Scheduler:
         self.release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.prefix_hit_tokens = 0  # admitted tokens whose K/V came from the prefix cache
+        self.prefix_miss_tokens = 0  # admitted tokens of prefix-cached sequences that had to be computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -110,9 +118,10 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
         self.kv.release(seq.block_table)
         self.release(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_keyed = 0
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -148,21 +157,47 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
+            cached = self._cached_prefix(seq)
             # all blocks for the current tokens up front, so its prefill can always finish
-            if self.kv.blocks_needed(len(seq.tokens)) > self.kv.allocator.num_free:
+            if not self.kv.can_admit(cached, len(seq.tokens)):
                 self.waiting.appendleft(seq)
                 break
             if not self.acquire(seq):
                 skipped.append(seq)  # e.g. every LoRA slot is pinned: it must not block the others
                 continue
-            self.kv.grow(seq.block_table, len(seq.tokens))
+            self.kv.admit(seq.block_table, cached, len(seq.tokens))
+            seq.num_cached = len(cached) * self.kv.block_size
+            seq.num_keyed = len(cached)
+            if seq.prefix_root is not None:
+                self.prefix_hit_tokens += seq.num_cached
+                self.prefix_miss_tokens += len(seq.tokens) - seq.num_cached
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            n = min(len(seq.tokens), chunk, budget)
+            n = min(len(seq.tokens) - seq.num_cached, chunk, budget)
             budget -= n
-            step.prefills.append((seq, self._work(seq, n)))
+            step.prefills.append((seq, self._work(seq, seq.num_cached + n)))
         self.waiting.extendleft(reversed(skipped))
         return step
+
+    def complete(self, step: ScheduledStep) -> None:
+        """The step ran: its tokens' K/V are in the cache, and blocks it filled get their keys."""
+        bs = self.kv.block_size
+        for seq, work in step.decodes + step.prefills:
+            seq.num_cached = work.end
+            full = seq.num_cached // bs
+            if seq.prefix_root is None or full <= seq.num_keyed:
+                continue
+            extend_keys(seq.block_keys, seq.prefix_root, seq.tokens, bs, full)
+            for i in range(seq.num_keyed, full):
+                self.kv.allocator.set_key(seq.block_table[i], seq.block_keys[i])
+            seq.num_keyed = full
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        if seq.prefix_root is None:
+            return []
+        bs, n = self.kv.block_size, len(seq.tokens)
+        extend_keys(seq.block_keys, seq.prefix_root, seq.tokens, bs, (n - 1) // bs)
+        return self.kv.cached_prefix(seq.block_keys, n)
 
     def _work(self, seq: Sequence, end: int) -> SeqWork:
         return SeqWork(

@@ -46,6 +46,29 @@ async def test_metrics_after_requests(http: aiohttp.ClientSession, client: opena
     assert after("openlora_requests_running") == after("openlora_requests_waiting") == 0
 
 
+async def test_prefix_cache_hits_and_misses_in_metrics(http: aiohttp.ClientSession, client: openai.AsyncOpenAI):
+    """The same prompt twice: the second finds its full blocks (16 tokens each here) in the cache,
+    all but the block of its last token; a different prompt finds none."""
+    messages = [{"role": "user", "content": "Tell me about the prefix cache of this node, please. " * 3}]
+    counts = []
+    for content in (messages, messages, [{"role": "user", "content": "Something else entirely, " * 4}]):
+        before = await scrape(http)
+        done = await client.chat.completions.create(model=MODEL, messages=content, max_tokens=2, temperature=0)
+        after = await scrape(http)
+        n = done.usage.prompt_tokens
+        hit = after("openlora_prefix_cache_tokens_total", result="hit") - before(
+            "openlora_prefix_cache_tokens_total", result="hit"
+        )
+        miss = after("openlora_prefix_cache_tokens_total", result="miss") - before(
+            "openlora_prefix_cache_tokens_total", result="miss"
+        )
+        counts.append((n, hit, miss))
+    (n, hit0, miss0), (n1, hit1, miss1), (n2, hit2, miss2) = counts
+    assert n == n1 > 32 and (hit0, miss0) == (0, n)
+    assert (hit1, miss1) == ((n - 1) // 16 * 16, n - (n - 1) // 16 * 16)
+    assert (hit2, miss2) == (0, n2)
+
+
 async def test_unrouted_paths_share_one_metrics_label(http: aiohttp.ClientSession):
     for path in ("/a", "/b/c"):
         async with http.get(path) as resp:
