@@ -52,7 +52,9 @@ class Settings(BaseSettings):
                 raise ValueError("CUDA is not available on this machine (this torch build or driver has none)")
         return value
 
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+    threads: int = Field(
+        0, ge=0, description="most torch threads (fewer while other processes take the CPUs); 0: one per core"
+    )
 
     # Engine
     max_num_seqs: int = Field(32, ge=1, description="max sequences in the running batch")

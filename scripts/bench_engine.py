@@ -119,7 +119,8 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     reqs = workload(n, max_prompt, max_out)
 
-    settings = Settings(max_num_seqs=n, dtype=args.dtype)
+    # no prefix cache: every repeat (and the warm-up) sends the same prompts, which it would find
+    settings = Settings(max_num_seqs=n, dtype=args.dtype, prefix_caching=False)
     path = prepare_model(settings)
     engine = AsyncEngine.load(settings)
     dtype = resolve_dtype(settings)

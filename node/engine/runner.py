@@ -16,6 +16,7 @@ import torch
 
 from node.adapters.peft_format import LoraAdapter
 from node.engine.batch import StepBatch, build_batch
+from node.engine.cpu_share import CpuShare
 from node.engine.detokenizer import IncrementalDetokenizer
 from node.engine.errors import EngineStoppedError
 from node.engine.kv_cache import KVCache
@@ -68,6 +69,8 @@ class EngineRunner:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.max_threads = torch.get_num_threads()  # as configured (settings.threads)
+        self.threads = self.max_threads  # what the engine thread computes with: fewer while others take the CPUs
         self.steps = 0
         self.generated_tokens = 0
         self.error: BaseException | None = None
@@ -127,6 +130,7 @@ class EngineRunner:
             "kv_blocks_used": alloc.num_used,
             "kv_blocks_total": alloc.num_blocks,
             "kv_blocks_cached": alloc.num_cached,
+            "threads": self.threads,
             "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
             "prefix_cache_miss_tokens": self.scheduler.prefix_miss_tokens,
         }
@@ -165,6 +169,8 @@ class EngineRunner:
             seq.lora_slot = -1
 
     def _loop(self) -> None:
+        # CPU: as many threads as other processes leave CPUs to us (node/engine/cpu_share.py)
+        share = CpuShare(self.max_threads) if self.model.device.type == "cpu" else None
         try:
             while True:
                 with self._cond:
@@ -182,6 +188,8 @@ class EngineRunner:
                     seq = self._seqs.get(request_id)
                     if seq is not None:
                         self._finish(seq, FinishReason.ABORT, "")
+                if share is not None:
+                    self._fit_threads(share)
                 if not self.step():
                     with self._cond:  # nothing runnable (e.g. adapters loading): wait for a change
                         if not self._inbox and not self._aborts and not self._stop:
@@ -190,7 +198,17 @@ class EngineRunner:
             log.exception("engine thread died")
             with self._cond:
                 self.error = exc  # from now on submit() refuses
+        finally:
+            torch.set_num_threads(self.max_threads)  # what others in the process get while the engine is stopped
         self._abort_everything()
+
+    def _fit_threads(self, share: CpuShare) -> None:
+        threads = share.threads()
+        if threads != torch.get_num_threads():
+            log.info("computing with %d of %d threads: other processes took %.1f of %d CPUs",
+                     threads, share.max_threads, share.others, len(share.cpus))  # fmt: skip
+            torch.set_num_threads(threads)
+        self.threads = threads
 
     def _abort_everything(self) -> None:
         """End every request still waiting for output (the thread stopped or died), so that no
