@@ -472,4 +472,4 @@ def test_random_honest_batches_cannot_be_challenged(anvil, fresh_chain) -> None:
 
 @pytest.mark.slow
 def test_random_honest_batches_cannot_be_challenged_long(anvil, fresh_chain) -> None:
-    _random_honest(anvil, fresh_chain, examples=40)
+    _random_honest(anvil, fresh_chain, examples=15)

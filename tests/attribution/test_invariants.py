@@ -264,4 +264,4 @@ def test_settlement_invariants(anvil, fresh_chain) -> None:
 
 @pytest.mark.slow
 def test_settlement_invariants_long(anvil, fresh_chain) -> None:
-    _run(anvil, fresh_chain, examples=40, steps=30)
+    _run(anvil, fresh_chain, examples=15, steps=30)
