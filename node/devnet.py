@@ -103,8 +103,7 @@ async def _publish_demo_adapters(
     from node.adapters.cli import add_to_index
     from node.adapters.ipfs import KuboRpcClient, import_directory
     from node.adapters.synthetic import make_random_adapter
-    from node.engine.async_engine import served_name
-    from node.engine.prepare import prepare_model
+    from node.engine.prepare import prepare_model, served_name
 
     base_dir = prepare_model(settings)
     base_name = served_name(settings, base_dir)

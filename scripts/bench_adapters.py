@@ -32,6 +32,7 @@ from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
 from node.engine.prepare import prepare_model
+from node.serving import load_engine
 from node.threads import run_in_fresh_thread
 
 
@@ -87,7 +88,7 @@ def main() -> None:
             model=str(base_dir), cache_dir=work / "cache", ipfs_gateways=[node.gateway_url], local_ipfs=False,
             max_loras=32, max_lora_rank=8, host_adapters=many + cold_n, max_num_seqs=32,
         )  # fmt: skip
-        engine = AsyncEngine.load(settings)
+        engine = load_engine(settings)
         prompt = engine.tokenizer.apply_chat_template(
             [{"role": "user", "content": "What is the capital of France?"}],
             add_generation_prompt=True,

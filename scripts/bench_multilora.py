@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM
 
 from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
-from node.engine import AsyncEngine
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
+from node.serving import load_engine
 from node.threads import run_in_fresh_thread
 
 
@@ -77,7 +77,7 @@ def main() -> None:
         return peft.eval()
 
     peft = run_in_fresh_thread(build_peft)
-    engine = AsyncEngine.load(  # no prefix cache: the warm-up and every repeat send the same prompts
+    engine = load_engine(  # no prefix cache: the warm-up and every repeat send the same prompts
         Settings(
             adapters_dir=work, max_loras=n_adapters, max_lora_rank=8, max_num_seqs=n_req, host_adapters=n_adapters,
             dtype=args.dtype, prefix_caching=False,

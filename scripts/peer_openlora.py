@@ -16,7 +16,8 @@ from benchlib import running
 from peerlib import load_spec, serve
 
 from node.config import Settings
-from node.engine import AsyncEngine, GenerationRequest, SamplingParams
+from node.engine import GenerationRequest, SamplingParams
+from node.serving import load_engine
 
 
 async def main(spec: dict, result_fd: int) -> None:
@@ -31,7 +32,7 @@ async def main(spec: dict, result_fd: int) -> None:
         host_adapters=spec["max_loras"],
         max_lora_rank=spec["max_lora_rank"],
     )
-    engine = AsyncEngine.load(settings)
+    engine = load_engine(settings)
     ids = itertools.count()
 
     async def one(prompt: list[int], adapter: str | None, max_tokens: int) -> AsyncIterator[list[int]]:

@@ -82,13 +82,9 @@ async def ipfs_endpoints(settings: Settings) -> AsyncIterator[tuple[str | None, 
 
 def base_shape(settings: Settings) -> BaseModelShape:
     """The served base model's dimensions, from its config (no weights loaded)."""
-    from node.engine.async_engine import base_model_shape, served_name
-    from node.engine.model import ModelConfig
-    from node.engine.prepare import prepare_model
+    from node.engine.prepare import served_base_shape  # the command needs the model; the package does not
 
-    path = prepare_model(settings, progress=True)
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    return base_model_shape(cfg, served_name(settings, path), path)
+    return served_base_shape(settings, progress=True)
 
 
 def _validate(settings: Settings, directory: Path, name: str, base: BaseModelShape | None = None) -> LoraAdapter:

@@ -164,6 +164,8 @@ def _tree_bytes(path: Path) -> int:
 
 
 class IpfsAdapterSource(AdapterSource):
+    content_addressed = True
+
     def __init__(
         self,
         gateways: list[str],

@@ -183,6 +183,7 @@ class AdapterManager:
             load = functools.partial(load_adapter, path, entry.name, self.base, self.max_rank, max_bytes=self.max_bytes)
             # a fresh thread per load: its OpenMP pool, if any, ends with it (node.threads)
             adapter = await loop.run_in_executor(None, run_in_fresh_thread, load)
+            adapter.cid = entry.name if entry.source.content_addressed else None
             await loop.run_in_executor(None, entry.source.accepted, entry.name)
         except (InvalidAdapterError, AdapterUnavailableError, AdapterNotFoundError) as exc:
             if isinstance(exc, InvalidAdapterError):

@@ -64,6 +64,7 @@ class LoraAdapter:
     scale: float
     target_modules: tuple[str, ...]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    cid: str | None = None  # set when its source is content-addressed (IPFS): the name is then its CID
 
 
 def _fail(name: str, why: str, reason: str) -> InvalidAdapterError:

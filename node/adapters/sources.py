@@ -14,6 +14,8 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AdapterSource(abc.ABC):
+    content_addressed = False  # True: an adapter's identity (`canonical`) is its CID, its content never changes
+
     @abc.abstractmethod
     def names(self) -> list[str]:
         """Adapters this source can list (for /v1/models)."""

@@ -21,7 +21,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from eth_account import Account
@@ -33,7 +32,6 @@ from attribution.errors import AttributionError, ChainError, SignatureError
 from attribution.signing import address_of
 from attribution.types import Domain, InferenceRequest, Signature
 from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, Receipt
-from node.adapters.ipfs_source import IpfsAdapterSource
 from node.api.errors import (
     APIError,
     InvalidRequestError,
@@ -41,7 +39,7 @@ from node.api.errors import (
     ServiceUnavailableError,
     unknown_model,
 )
-from node.api.keys import ACCOUNTANT, ENGINE, METRICS
+from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, METRICS
 from node.api.schemas import AttributionInfo, PayerPosition
 from node.config import Settings
 
@@ -66,15 +64,16 @@ class RefusedError(APIError, PermissionError):
         return cls(refusal.status, refusal.code, refusal.message)
 
 
-def adapter_cid(engine: Any, name: str | None) -> str | None:
+def adapter_cid(app: web.Application, name: str | None) -> str | None:
     """The CID of a content-addressed adapter (None for the base model and for local adapter directories)."""
-    if name is None or engine.adapters is None:
+    adapters = app.get(ADAPTERS)
+    if name is None or adapters is None:
         return None
-    found = engine.adapters.resolve(name)
+    found = adapters.resolve(name)
     if found is None:
         raise unknown_model(name)
     source, key = found
-    return key if isinstance(source, IpfsAdapterSource) else None
+    return key if source.content_addressed else None
 
 
 def signed_request(request: web.Request) -> tuple[InferenceRequest, Signature] | None:
@@ -247,7 +246,7 @@ async def model_terms(app: web.Application, name: str) -> dict[str, str]:
     try:
         adapter_id = 0
         if name != engine.model_name:
-            cid = adapter_cid(engine, name)
+            cid = adapter_cid(app, name)
             if cid is None:  # a local adapter directory: not content-addressed, so not payable
                 return {}
             adapter_id = await accountant.ledger.adapter_id(cid)

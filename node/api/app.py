@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,16 +11,19 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from node.adapters.factory import adapter_manager
 from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
 from node.api.errors import error_middleware, unknown_model
 from node.api.generation import chat_completions, completions
-from node.api.keys import ACCOUNTANT, ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
 from node.config import Settings
 from node.engine import AsyncEngine
+from node.engine.prepare import served_base_shape
 from node.engine.types import GenerationRequest, SamplingParams
+from node.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     app[OPENAPI] = build_openapi()
     app.cleanup_ctx.append(_local_ipfs)
     app.cleanup_ctx.append(_accounting)
+    app.cleanup_ctx.append(_adapters)
     app.cleanup_ctx.append(_engine)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -99,15 +104,27 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _adapters(app: web.Application) -> AsyncIterator[None]:
+    """The adapter manager over the configured sources (none configured: no manager, base model only).
+    The node owns adapters (fetch, verify, validate); the engine is handed the manager."""
+    settings = app[SETTINGS]
+    # prepares the base model directory on first use (a torch conversion: in a thread of its own, node.threads)
+    base = await asyncio.get_running_loop().run_in_executor(None, run_in_fresh_thread, served_base_shape, settings)
+    manager = adapter_manager(settings, base)
+    if manager is not None:
+        app[ADAPTERS] = manager
+        app[METRICS].watch_adapter_cache(manager.cache_stats)
+    yield
+
+
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     """Load the model (blocking, so in an executor), run the engine for the app's lifetime."""
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, AsyncEngine.load, app[SETTINGS])
+    adapters = app.get(ADAPTERS)
+    engine = await loop.run_in_executor(None, functools.partial(AsyncEngine.load, app[SETTINGS], adapters=adapters))
     await engine.start()
     app[ENGINE] = engine
-    app[METRICS].watch_adapters(engine.adapter_stats)
-    if engine.adapters is not None:
-        app[METRICS].watch_adapter_cache(engine.adapters.cache_stats)
+    app[METRICS].watch_adapters(lambda: _adapter_stats(app))
     warm = await _warm_up(engine)
     app[METRICS].warmup_seconds.set(warm)
     app[STARTED_AT] = int(time.time())
@@ -116,6 +133,19 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await engine.stop()
+
+
+def _adapter_stats(app: web.Application) -> dict:
+    """Adapter tiers and failures, for /metrics: the manager's host tier and the engine's device slots."""
+    adapters = app.get(ADAPTERS)
+    if adapters is None:
+        return {"host": 0, "device": 0, "loads": 0, "device_loads": 0, "failures": {}}
+    return {
+        "host": adapters.num_loaded,
+        "loads": adapters.loads,
+        "failures": dict(adapters.failure_counts),
+        **app[ENGINE].lora_stats(),
+    }
 
 
 async def _warm_up(engine: AsyncEngine) -> float:
@@ -135,7 +165,8 @@ async def _card(app: web.Application, name: str) -> ModelCard:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    names = request.app[ENGINE].list_models()
+    adapters = request.app.get(ADAPTERS)
+    names = [request.app[ENGINE].model_name] + (adapters.names() if adapters is not None else [])
     body = ModelList(data=[await _card(request.app, name) for name in names])
     return web.json_response(text=body.model_dump_json(exclude_none=True))
 
@@ -146,7 +177,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     engine = request.app[ENGINE]
     if name != engine.model_name:
-        adapters = engine.adapters
+        adapters = request.app.get(ADAPTERS)
         if adapters is None or adapters.resolve(name) is None:
             raise unknown_model(name)
         adapters.release(await adapters.acquire(name))

@@ -268,7 +268,7 @@ async def _complete(
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
     grant = await accounting.authorise(
-        request, raw, accounting.adapter_cid(engine, adapter), adapter is not None, len(prompt_ids)
+        request, raw, accounting.adapter_cid(request.app, adapter), adapter is not None, len(prompt_ids)
     )
     if grant is not None:
         max_tokens = min(max_tokens, grant.max_tokens)

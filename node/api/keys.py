@@ -11,11 +11,13 @@ from node.config import Settings
 if TYPE_CHECKING:
     from attribution.accounting import Accountant  # noqa: F401 (named in a string below)
     from node.adapters.ipfs.supervisor import NodeSupervisor  # noqa: F401
+    from node.adapters.manager import AdapterManager  # noqa: F401
     from node.api.metrics import Metrics  # noqa: F401
     from node.engine import AsyncEngine  # noqa: F401
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey["AsyncEngine"]("engine")
+ADAPTERS = web.AppKey["AdapterManager"]("adapters")  # absent on a node with no adapter source (base model only)
 METRICS = web.AppKey["Metrics"]("metrics")
 OPENAPI = web.AppKey("openapi", dict)
 ACCOUNTANT = web.AppKey["Accountant"]("accountant")  # absent on a node without a chain

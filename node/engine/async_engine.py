@@ -5,24 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from node.adapters.errors import AdapterError
-from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource
-from node.adapters.manager import AdapterManager
-from node.adapters.peft_format import BaseModelShape
-from node.adapters.sources import AdapterSource, LocalAdapterSource
 from node.config import Settings
 from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
 from node.engine.lora import LoraSlotPool, make_layout
-from node.engine.model import LlamaModel, ModelConfig
-from node.engine.prepare import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME, prepare_model
+from node.engine.model import LlamaModel
+from node.engine.prepare import base_model_shape, prepare_model, served_name
 from node.engine.runner import EngineRunner, set_threads
-from node.engine.types import GenerationOutput, GenerationRequest
+from node.engine.types import AdapterProvider, GenerationOutput, GenerationRequest
 from node.threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
@@ -32,7 +27,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class AsyncEngine:
     def __init__(
-        self, runner: EngineRunner, model_name: str, max_model_len: int, adapters: AdapterManager | None = None
+        self, runner: EngineRunner, model_name: str, max_model_len: int, adapters: AdapterProvider | None = None
     ) -> None:
         self.runner = runner
         self.adapters = adapters
@@ -41,15 +36,21 @@ class AsyncEngine:
         self.max_model_len = max_model_len
 
     @classmethod
-    def load(cls, settings: Settings, *, progress: bool = False) -> AsyncEngine:
+    def load(
+        cls, settings: Settings, *, adapters: AdapterProvider | None = None, progress: bool = False
+    ) -> AsyncEngine:
         """Blocking: prepares (if needed) and loads the model. Run it in an executor.
+
+        `adapters` is the node's adapter manager (`node.adapters.factory.adapter_manager`): with
+        one, the engine reserves LoRA slots and serves requests naming its adapters; without,
+        it serves the base model only.
 
         The work runs in a thread of its own, so that its OpenMP pool ends with it (see
         node.threads): the engine thread is then the only one with a pool."""
-        return run_in_fresh_thread(cls._load, settings, progress, name="openlora-load")
+        return run_in_fresh_thread(cls._load, settings, adapters, progress, name="openlora-load")
 
     @classmethod
-    def _load(cls, settings: Settings, progress: bool) -> AsyncEngine:
+    def _load(cls, settings: Settings, adapters: AdapterProvider | None, progress: bool) -> AsyncEngine:
         set_threads(settings.threads)
         path = prepare_model(settings, progress=progress)
         try:
@@ -62,17 +63,11 @@ class AsyncEngine:
             eos.add(tokenizer.eos_token_id)
         max_len = min(settings.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
         name = served_name(settings, path)
-        adapters = pool = None
-        sources = adapter_sources(settings)
-        if sources:
+        pool = None
+        if adapters is not None:
             base = base_model_shape(model.cfg, name, path)
-            adapters = AdapterManager(
-                sources,
-                base,
-                settings.max_lora_rank,
-                host_capacity=settings.host_adapters,
-                max_bytes=settings.max_adapter_bytes,
-            )
+            if adapters.base != base:
+                raise ModelLoadError(f"the adapters were validated for {adapters.base}, but this model is {base}")
             pool = LoraSlotPool(make_layout(model, settings.max_loras, settings.max_lora_rank))
         runner = EngineRunner(
             model,
@@ -93,22 +88,12 @@ class AsyncEngine:
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
 
-    def list_models(self) -> list[str]:
-        """The base model first, then every adapter a request may name."""
-        return [self.model_name] + (self.adapters.names() if self.adapters else [])
-
-    def adapter_stats(self) -> dict:
-        """Adapter tiers and failures, for /metrics."""
-        if self.adapters is None:
-            return {"host": 0, "device": 0, "loads": 0, "device_loads": 0, "failures": {}}
+    def lora_stats(self) -> dict[str, int]:
+        """Adapters in device slots now, and device loads since start (for /metrics)."""
         pool = self.runner.lora_pool
-        return {
-            "host": self.adapters.num_loaded,
-            "device": len(pool.resident()),
-            "loads": self.adapters.loads,
-            "device_loads": pool.loads,
-            "failures": dict(self.adapters.failure_counts),
-        }
+        if pool is None:
+            return {"device": 0, "device_loads": 0}
+        return {"device": len(pool.resident()), "device_loads": pool.loads}
 
     @property
     def healthy(self) -> bool:
@@ -124,7 +109,7 @@ class AsyncEngine:
         """Reject what can never run, before it is queued."""
         if request.adapter == self.model_name:
             request.adapter = None
-        if request.adapter is not None and (self.adapters is None or self.adapters.resolve(request.adapter) is None):
+        if request.adapter is not None and self.adapters is None:
             raise UnknownModelError(request.adapter)
         n_prompt = len(request.prompt_token_ids)
         if n_prompt == 0:
@@ -153,7 +138,7 @@ class AsyncEngine:
             except LookupError as exc:
                 if isinstance(exc, AdapterError):  # AdapterNotFoundError: a source said it has none
                     raise
-                raise UnknownModelError(request.adapter) from None  # removed since check()
+                raise UnknownModelError(request.adapter) from None  # no source knows the name
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         finished = False
@@ -183,45 +168,3 @@ def resolve_dtype(settings: Settings) -> torch.dtype:
         return torch.bfloat16
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native_bf16 else torch.float32
-
-
-def base_model_shape(cfg: ModelConfig, name: str, path: Path) -> BaseModelShape:
-    """What every adapter must fit: this base model's dimensions and the names it goes by."""
-    aliases = [path.name, str(path)]
-    if path.name.startswith(DEFAULT_MODEL_NAME):
-        aliases.append(DEFAULT_MODEL_HUB_ID)
-    return BaseModelShape(
-        name=name,
-        aliases=tuple(aliases),
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        q_size=cfg.q_size,
-        kv_size=cfg.kv_size,
-    )
-
-
-def served_name(settings: Settings, path: Path) -> str:
-    return settings.served_model_name or _model_name(path)
-
-
-def adapter_sources(settings: Settings) -> list[AdapterSource]:
-    """A local directory of adapters and/or IPFS (by CID or indexed name), as configured."""
-    sources: list[AdapterSource] = []
-    if settings.adapters_dir is not None:
-        sources.append(LocalAdapterSource(Path(settings.adapters_dir)))
-    if settings.ipfs_gateways:
-        sources.append(
-            IpfsAdapterSource(
-                settings.ipfs_gateways,
-                DiskCache(settings.adapter_cache_dir, settings.adapter_cache_bytes),
-                index_file=settings.adapter_index,
-                max_adapter_bytes=settings.max_adapter_bytes,
-                timeout=settings.ipfs_timeout,
-            )
-        )
-    return sources
-
-
-def _model_name(path: Path) -> str:
-    return DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.name

@@ -7,10 +7,10 @@ is a hash chain over full blocks of tokens that starts from the adapter's identi
     key[0] = sha256(root     + tokens[0:bs] as little-endian uint32)
     key[i] = sha256(key[i-1] + tokens[i*bs:(i+1)*bs] ...)
 
-The identity of an adapter is its CID when it is named by one (content addressed: a re-published
-adapter has a new CID and never meets the KV of the old one), else a sha256 of its weights and
-scaling (a local directory's adapter, reloaded after an edit, gets a new identity); the base
-model's is its name. Two adapters therefore never share a block. SHA-256, not a fast
+The identity of an adapter is its CID when it came from a content-addressed source (`LoraAdapter.cid`,
+set by the node's adapter manager: a re-published adapter has a new CID and never meets the KV of
+the old one), else a sha256 of its weights and scaling (a local directory's adapter, even one named
+like a CID, reloaded after an edit, gets a new identity); the base model's is its name. Two adapters therefore never share a block. SHA-256, not a fast
 non-cryptographic hash: a request that could forge a collision would read another's K/V.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from node.adapters.ipfs_source import parse_adapter_cid
 from node.adapters.peft_format import LoraAdapter
 
 
@@ -34,11 +33,6 @@ def extend_keys(keys: list[bytes], root: bytes, tokens: list[int], block_size: i
         block = tokens[i * block_size : (i + 1) * block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}I", *block)).digest()
         keys.append(parent)
-
-
-def adapter_cid(adapter: LoraAdapter) -> str | None:
-    """The adapter's CID, when it is named by one (the IPFS source names adapters by their CID)."""
-    return adapter.name if parse_adapter_cid(adapter.name) == adapter.name else None
 
 
 def adapter_digest(adapter: LoraAdapter) -> str:

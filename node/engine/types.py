@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from node.adapters.peft_format import BaseModelShape, LoraAdapter
 
 
 class FinishReason(enum.StrEnum):
@@ -51,3 +55,22 @@ class GenerationOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class AdapterProvider(Protocol):
+    """What an engine needs of the node's adapters: verified, validated adapters by name.
+
+    The node owns adapters (sources, fetching, verification, validation: `node.adapters`) and hands
+    a provider to the engine (`AsyncEngine.load(..., adapters=...)`); the engine never builds one.
+    `node.adapters.manager.AdapterManager` is the node's."""
+
+    base: BaseModelShape  # the base model every adapter it gives was validated against
+
+    async def acquire(self, name: str) -> LoraAdapter:
+        """The adapter in host memory, loaded first if needed; pair with `release`. Raises
+        LookupError for a name no source knows (an AdapterError says why when a source knows more)."""
+        ...
+
+    def release(self, adapter: LoraAdapter) -> None:
+        """The engine is done with one `acquire`'s adapter."""
+        ...

@@ -231,6 +231,6 @@ async def test_refused_adapter_leaves_the_cache_and_never_evicts_a_good_one(tiny
             assert status == 400 and body["error"]["code"] == "adapter_invalid", body
             assert "NaN" in body["error"]["message"]
             assert cached(cache) == sorted(good), attempt  # refused: dropped, and no good one evicted
-        assert node.engine.adapters.sources[0].fetches == 3  # the refusal is remembered: no second download
+        assert node.adapters.sources[0].fetches == 3  # the refusal is remembered: no second download
         assert await metric(node.url, "openlora_adapter_failures_total", reason="non_finite") == 1
-        assert node.engine.adapters.failure_counts == {"non_finite": 1}
+        assert node.adapters.failure_counts == {"non_finite": 1}

@@ -45,7 +45,7 @@ async def test_publish_with_cli_then_serve_by_cid(tiny_model_dir, adapter_dir, i
         )
         assert by_local != base
         assert by_url == by_cid == by_name == by_local
-        source = node.engine.adapters.sources[1]
+        source = node.adapters.sources[1]
         assert source.fetches == 1  # three names, one CID: one verified download
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{node.url}/v1/models") as resp:
@@ -229,9 +229,9 @@ async def test_loading_adapter_never_blocks_other_requests(
     async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[gateway], adapters_dir=local) as node:
         pending = asyncio.create_task(chat(node.url, slow_cid))
         deadline = asyncio.get_running_loop().time() + 30  # the request reaches the manager (a loaded CI is slow)
-        while node.engine.adapters.state(slow_cid) is None and asyncio.get_running_loop().time() < deadline:
+        while node.adapters.state(slow_cid) is None and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        assert node.engine.adapters.state(slow_cid).value == "fetching"
+        assert node.adapters.state(slow_cid).value == "fetching"
         others = await asyncio.gather(chat(node.url, "tiny"), chat(node.url, "ready"))
         assert not pending.done() and all(others)
         released.set()

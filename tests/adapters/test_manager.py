@@ -144,3 +144,21 @@ async def test_refused_cid_is_not_fetched_again_after_the_backoff(adapters_root,
         await asyncio.sleep(0.05)  # past the backoff
     assert source.fetches == 1 and manager.failure_counts == {"rank": 1}
     assert not (tmp_path / "cache" / cid).exists()
+
+
+async def test_only_a_content_addressed_source_gives_an_adapter_its_cid(adapters_root, base, ipfs_node, tmp_path):
+    """The engine keys an adapter's prefix-cache KV by `LoraAdapter.cid`: set for what IPFS verified
+    against its CID, never for a local directory, even one named like a CID (its content can change)."""
+    ipfs, cids = await _ipfs_source(adapters_root, ipfs_node, tmp_path)
+    local_root = tmp_path / "local"
+    shutil.copytree(adapters_root / "a0", local_root / cids["a1"])  # a local adapter posing as a1's CID
+    local = LocalAdapterSource(local_root)
+    assert ipfs.content_addressed and not local.content_addressed
+    manager = AdapterManager([ipfs], base, max_rank=8)
+    fetched = await manager.acquire("a1")
+    assert fetched.cid == cids["a1"] == fetched.name
+    manager.release(fetched)
+    manager = AdapterManager([local], base, max_rank=8)
+    posing = await manager.acquire(cids["a1"])
+    assert posing.name == cids["a1"] and posing.cid is None
+    manager.release(posing)

@@ -19,8 +19,9 @@ import pytest_asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.adapters.manager import AdapterManager
 from node.api.app import create_app
-from node.api.keys import ENGINE
+from node.api.keys import ADAPTERS, ENGINE
 from node.api.server import start_server
 from node.config import Settings
 from node.engine import AsyncEngine
@@ -38,6 +39,10 @@ class Node:
     @property
     def engine(self) -> AsyncEngine:
         return self.app[ENGINE]
+
+    @property
+    def adapters(self) -> AdapterManager:
+        return self.app[ADAPTERS]
 
     async def wait_idle(self, timeout: float = 10.0) -> dict[str, int]:
         """The engine's stats once nothing runs, waits or holds KV blocks."""

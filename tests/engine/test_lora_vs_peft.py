@@ -21,6 +21,7 @@ from node.engine.batch import SeqWork, build_batch
 from node.engine.kv_cache import KVCache
 from node.engine.lora import LoraSlotPool, make_layout
 from node.engine.model import LlamaModel
+from node.serving import load_engine
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (rank, alpha, target modules, rsLoRA): mixed ranks and targets in one batch
@@ -142,7 +143,7 @@ async def _generate(engine: AsyncEngine, model: str | None, ids: list[int], n: i
 @pytest.mark.parametrize("max_loras", [len(SPECS), 3], ids=["all-resident", "eviction-pressure"])
 async def test_engine_mixed_batch_matches_peft_alone(tiny_model_dir, adapters_dir, max_loras):
     settings = Settings(model=str(tiny_model_dir), adapters_dir=adapters_dir, max_loras=max_loras, kv_block_size=4)
-    engine = AsyncEngine.load(settings)
+    engine = load_engine(settings)
     await engine.start()
     try:
         jobs = [(f"ad{i}", prompt(6 + i, 10 + i), 12) for i in range(len(SPECS))]

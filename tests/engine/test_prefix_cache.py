@@ -16,7 +16,8 @@ from node.adapters.synthetic import make_random_adapter
 from node.config import Settings
 from node.engine import AsyncEngine, GenerationRequest, SamplingParams
 from node.engine.kv_cache import BlockAllocator, KVCache
-from node.engine.prefix_cache import adapter_cid, adapter_digest, extend_keys, root_key
+from node.engine.prefix_cache import adapter_digest, extend_keys, root_key
+from node.serving import load_engine
 
 _ids = itertools.count()
 CID = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
@@ -119,11 +120,8 @@ def adapter(name: str, seed: int) -> LoraAdapter:
 
 def test_adapter_identity():
     a, same, edited = adapter("local", 1), adapter("local", 1), adapter("local", 2)
-    assert adapter_cid(a) is None
     assert adapter_digest(a) == adapter_digest(same) != adapter_digest(edited)
     assert adapter_digest(a) != adapter_digest(LoraAdapter("local", 2, 2.0, a.target_modules, a.weights))  # scale
-    assert adapter_cid(adapter(CID, 1)) == CID
-    assert adapter_cid(adapter("ipfs://" + CID, 1)) is None  # only the canonical CID names an adapter
 
 
 # -- the engine, with and without the cache ----------------------------------------------------------
@@ -157,7 +155,7 @@ async def generate(engine: AsyncEngine, model: str | None, ids: list[int], n: in
 
 async def serve(settings: Settings, waves: list[list[tuple[str | None, list[int], int]]]):
     """Each wave's requests at once, the waves one after the other; outputs and the engine's stats."""
-    engine = AsyncEngine.load(settings)
+    engine = load_engine(settings)
     await engine.start()
     try:
         results = [await asyncio.gather(*(generate(engine, m, ids, n) for m, ids, n in wave)) for wave in waves]
@@ -198,7 +196,7 @@ async def test_mixed_batches_equal_without_the_cache(tiny_model_dir, adapters_di
 async def test_two_adapters_never_share_kv(tiny_model_dir, adapters_dir):
     ids = prompt(41, 3)
     waves = [[("ad0", ids, 4)], [("ad1", ids, 4)], [(None, ids, 4)], [("ad1", ids, 4)]]
-    engine = AsyncEngine.load(settings(tiny_model_dir, adapters_dir))
+    engine = load_engine(settings(tiny_model_dir, adapters_dir))
     await engine.start()
     try:
         hits = []
@@ -234,7 +232,7 @@ async def test_an_edited_local_adapter_does_not_meet_its_old_kv(tiny_model_dir, 
     shutil.copytree(adapters_dir / "ad0", local / "mine")
     shutil.copytree(adapters_dir / "ad1", local / "other")
     ids = prompt(33, 8)
-    engine = AsyncEngine.load(settings(tiny_model_dir, local, host_adapters=1, max_loras=1))
+    engine = load_engine(settings(tiny_model_dir, local, host_adapters=1, max_loras=1))
     await engine.start()
     try:
         old = await generate(engine, "mine", ids, 5)
