@@ -474,6 +474,21 @@ class OpenLoRAClient:
         if body.get("stream"):
             raise RequestBuildError("a streaming body goes through stream_chat / stream_completion")
         signed, response = await self._open(body, max_charge)
+        return await self._answer(signed, response)
+
+    async def send_signed(self, signed: SignedRequest) -> Answer:
+        """Sends a non-streaming request signed earlier with `prepare` (a dApp that signs ahead, or
+        elsewhere) and verifies the receipt. No retry: a 409 means its interval was used, and only a
+        new signature can fix that."""
+        if signed.body.get("stream"):
+            raise RequestBuildError("a streaming body goes through stream_chat / stream_completion")
+        try:
+            response = await self._post(signed)
+        except openai.APIError as exc:
+            raise _node_error(exc) from None
+        return await self._answer(signed, response)
+
+    async def _answer(self, signed: SignedRequest, response: Any) -> Answer:
         data = response.to_dict()
         choices = data.get("choices") or []
         if not choices:

@@ -2,8 +2,8 @@
 
 node: the same chat workload (concurrent requests round-robin over the demo adapters and the base model,
 greedy, EOS ignored, a fixed number of new tokens) against a chain-backed node with signed requests (the dApp
-client signs each request and verifies each usage record; the node checks, prices, signs, journals with
-fsync, batches and commits on a real anvil) and against the same node without a chain (records off, the plain
+client signs every request before the clock starts, as a dApp does on its own machine, and verifies each usage
+record; the node checks, prices, signs, journals with fsync, batches and commits on a real anvil) and against the same node without a chain (records off, the plain
 `openai` client). Each system runs in its own node process lifetime (one engine at a time: two OpenMP pools
 slow each other), interleaved over repeats; medians. The bundled SmolLM2-135M-Instruct unless --model.
 
@@ -184,18 +184,24 @@ async def _signed_run(
     url: str, key: str, model_dir: str, caps: Path, models: list[str], n: int, tokens: int, concurrency: int
 ) -> tuple[int, float]:
     from attribution.caps import CapLedger
-    from attribution.client import OpenLoRAClient
+    from attribution.client import OpenLoRAClient, build_chat_body
 
     async with OpenLoRAClient(url, key, tokenizer=model_dir, ledger=CapLedger(caps)) as client:
+        # Signing is the dApp's work, on the dApp's machine: done before the clock starts, so that the
+        # time is the node's (checks, pricing, record signing, journal fsync, batching) and the
+        # client's receipt check. The bodies are the open run's.
+        signed = [
+            await client.prepare(build_chat_body(
+                models[i % len(models)], [{"role": "user", "content": f"Tell me a story {i}"}],
+                max_tokens=tokens, temperature=0, ignore_eos=True,
+            ))  # fmt: skip
+            for i in range(n)
+        ]
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> int:
             async with gate:
-                answer = await client.chat(
-                    models[i % len(models)], [{"role": "user", "content": f"Tell me a story {i}"}],
-                    max_tokens=tokens, temperature=0, ignore_eos=True,
-                )  # fmt: skip
-                return answer.record.output_tokens
+                return (await client.send_signed(signed[i])).record.output_tokens
 
         start = time.perf_counter()
         done = await asyncio.gather(*(one(i) for i in range(n)))

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from attribution.caps import CapLedger
-from attribution.client import OpenLoRAClient
+from attribution.client import OpenLoRAClient, build_chat_body
+from attribution.errors import NodeRefusedError, RequestBuildError
 from attribution.keys import load_keystore
 from attribution.signing import address_of, sign_request
 from attribution.storage import State
@@ -82,6 +83,25 @@ async def test_client_library_pays_and_verifies(net: LocalNetwork, tmp_path) -> 
             text = "".join([delta async for delta in stream])
             assert stream.answer.text == text
     assert await paid_entries(net) == before + 2 * (len(net.provisioned.adapters) + 1)
+
+
+async def test_a_request_signed_ahead_is_sent_once(net: LocalNetwork, tmp_path) -> None:
+    """`send_signed` sends what `prepare` signed earlier; the same signature sent again is a replay the
+    node refuses (409), and the client does not re-sign it behind the caller's back."""
+    before = await paid_entries(net)
+    async with OpenLoRAClient(
+        net.url, payer_key(net), tokenizer=net.settings.model, ledger=CapLedger(tmp_path / "caps.json")
+    ) as client:
+        body = build_chat_body(next(iter(net.provisioned.adapters)), [{"role": "user", "content": "Hi"}], max_tokens=3)
+        signed = await client.prepare(body)
+        answer = await client.send_signed(signed)
+        assert answer.record.request_digest == signed.request.digest(signed.domain)
+        with pytest.raises(NodeRefusedError) as refused:
+            await client.send_signed(signed)
+        assert (refused.value.status, refused.value.code) == (409, "request_conflict")
+        with pytest.raises(RequestBuildError, match="stream"):
+            await client.send_signed(await client.prepare({**body, "stream": True}))
+    assert await paid_entries(net) == before + 1
 
 
 async def test_raw_signed_request_carries_the_record(net: LocalNetwork) -> None:
