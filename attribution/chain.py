@@ -211,6 +211,13 @@ class AdapterRegistryClient(ContractClient):
     async def transfer_ownership(self, sender: LocalAccount, adapter_id: int, new_owner: str) -> TxReceipt:
         return await self._send(sender, "transferAdapterOwnership", adapter_id, new_owner)
 
+    async def set_name(self, sender: LocalAccount, name: str, adapter_id: int) -> TxReceipt:
+        """Points `name` at `adapter_id` (owned by `sender`): a new name, or one of `sender`'s moved to a new version."""
+        return await self._send(sender, "setName", name, adapter_id)
+
+    async def adapter_id_by_name(self, name: str) -> int:
+        return await self._call("adapterIdByName", name)
+
     async def adapter_count(self) -> int:
         return await self._call("adapterCount")
 

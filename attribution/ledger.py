@@ -98,6 +98,33 @@ class ChainLedger:
             raise LookupError(cid)
         return adapter_id
 
+    async def adapter_id_by_name(self, name: str) -> int:
+        """The adapter the registry's `name` points to; 0 if none."""
+
+        async def read() -> int:
+            return await self.contracts.adapters._call("adapterIdByName", name)
+
+        return await self._cached(("name", name), read)
+
+    async def registered_cid(self, adapter_id: int, at: int) -> str | None:
+        """The CID registered under `adapter_id`, None when no adapter has that id or it is retired at `at`
+        (unix seconds)."""
+
+        async def read() -> tuple[str, int | None] | None:
+            try:
+                _, _, cid, count = await self.contracts.adapters._call("adapter", adapter_id)
+            except ContractRevert as exc:
+                if exc.error == "AdapterRegistryUnknownAdapter":
+                    return None
+                raise
+            since, retired, _, _ = await self.contracts.adapters._call("terms", adapter_id, count - 1)
+            return cid, since if retired else None  # a retirement is always the last version
+
+        found = await self._cached(("registered", adapter_id), read)
+        if found is None or (found[1] is not None and found[1] <= at):
+            return None
+        return found[0]
+
     async def terms(self, adapter_id: int, node: str, at: int) -> Terms:
         """Prices in force at `at` (unix seconds) and the node's fee then. The cache is keyed by the second,
         so a terms version that takes effect is never read early."""

@@ -97,7 +97,7 @@ async def _fund_and_register(rpc_url: str, keys: list[str], deployments_path: Pa
 async def _publish_demo_adapters(
     settings: Settings, ipfs_api_url: str, index_file: Path, keys: list[str], deployments_path: Path
 ) -> dict[str, str]:
-    """Makes (once, cached), publishes and registers the demo adapters; returns name -> CID."""
+    """Makes (once, cached), publishes, registers and names (on chain) the demo adapters; returns name -> CID."""
     from attribution.chain import Chain
     from attribution.deploy import Contracts, Deployments
     from node.adapters.cli import add_to_index
@@ -124,11 +124,13 @@ async def _publish_demo_adapters(
                 await client.pin_add(dag.root)
             cid = str(dag.root)
             add_to_index(index_file, demo.name, cid)
-            if await c.adapters._call("adapterIdOf", cid) == 0:
-                await c.adapters._send(
-                    owner, "register", cid, base_model, demo.price_in, demo.price_out, contributors,
-                    list(demo.shares_bps),
-                )  # fmt: skip
+            adapter_id = await c.adapters.adapter_id_of(cid)
+            if adapter_id == 0:
+                adapter_id = await c.adapters.register(
+                    owner, cid, base_model, demo.price_in, demo.price_out, contributors, demo.shares_bps
+                )
+            if await c.adapters.adapter_id_by_name(demo.name) != adapter_id:  # the registry's name for it
+                await c.adapters.set_name(owner, demo.name, adapter_id)
             cids[demo.name] = cid
     finally:
         await chain.close()

@@ -7,9 +7,13 @@ pragma solidity 0.8.30;
 /// a contributor split in basis points. A change never alters what was already served: it appends a new
 /// version that takes effect `noticePeriod` seconds later, and a usage record is priced and split by the
 /// version in force at its `servedAt` ({versionAt}). Retiring appends a final version that serves nothing.
+/// A *name* (what a request's `model` says) points at one adapter; its owner can move it to another adapter
+/// it owns, e.g. a new version of the adapter registered under its new CID ({setName}).
 contract AdapterRegistry {
     /// @notice Upper bound on contributors per adapter: keeps revenue distribution a bounded loop.
     uint256 public constant MAX_CONTRIBUTORS = 16;
+    /// @notice Longest adapter name, in bytes.
+    uint256 public constant MAX_NAME_LENGTH = 64;
     uint256 private constant _TOTAL_BPS = 10_000;
 
     struct Terms {
@@ -34,6 +38,7 @@ contract AdapterRegistry {
     mapping(uint64 adapterId => Adapter) private _adapters;
     mapping(uint64 adapterId => Terms[]) private _terms;
     mapping(bytes32 cidHash => uint64 adapterId) private _idByCid;
+    mapping(bytes32 nameHash => uint64 adapterId) private _idByName;
 
     event AdapterRegistered(uint64 indexed adapterId, address indexed owner, string cid, bytes32 baseModel);
     event AdapterTermsUpdated(
@@ -47,6 +52,7 @@ contract AdapterRegistry {
     );
     event AdapterRetired(uint64 indexed adapterId, uint32 indexed version, uint64 since);
     event AdapterOwnershipTransferred(uint64 indexed adapterId, address indexed previousOwner, address indexed newOwner);
+    event AdapterNamed(string name, uint64 indexed adapterId, uint64 indexed previousAdapterId);
 
     error AdapterRegistryUnknownAdapter(uint64 adapterId);
     error AdapterRegistryUnknownVersion(uint64 adapterId, uint32 version);
@@ -59,6 +65,8 @@ contract AdapterRegistry {
     error AdapterRegistryBadSharesSum(uint256 sum);
     error AdapterRegistryRetired(uint64 adapterId);
     error AdapterRegistryZeroOwner();
+    error AdapterRegistryBadName(string name);
+    error AdapterRegistryNameTaken(string name, uint64 adapterId);
 
     constructor(uint64 noticePeriod_) {
         noticePeriod = noticePeriod_;
@@ -134,6 +142,26 @@ contract AdapterRegistry {
         address previous = owned.owner;
         owned.owner = newOwner;
         emit AdapterOwnershipTransferred(adapterId, previous, newOwner);
+    }
+
+    /// @notice Points `name` at `adapterId`, which the caller owns and has not retired. A free name goes to
+    /// whoever sets it first; a bound name can only be moved by the owner of the adapter it points to.
+    /// @param name 1 to 64 bytes of `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
+    function setName(string calldata name, uint64 adapterId) external {
+        _latestActive(adapterId);
+        _checkName(name);
+        bytes32 nameHash = keccak256(bytes(name));
+        uint64 previous = _idByName[nameHash];
+        if (previous != 0 && previous != adapterId && _adapters[previous].owner != msg.sender) {
+            revert AdapterRegistryNameTaken(name, previous);
+        }
+        _idByName[nameHash] = adapterId;
+        emit AdapterNamed(name, adapterId, previous);
+    }
+
+    /// @notice Id of the adapter `name` points to, 0 if none.
+    function adapterIdByName(string calldata name) external view returns (uint64) {
+        return _idByName[keccak256(bytes(name))];
     }
 
     /// @notice Number of registered adapters (the highest id).
@@ -241,6 +269,16 @@ contract AdapterRegistry {
         Terms[] storage history = _terms[adapterId];
         if (version >= history.length) revert AdapterRegistryUnknownVersion(adapterId, version);
         return history[version];
+    }
+
+    function _checkName(string calldata name) private pure {
+        bytes calldata b = bytes(name);
+        if (b.length == 0 || b.length > MAX_NAME_LENGTH) revert AdapterRegistryBadName(name);
+        for (uint256 i = 0; i < b.length; ++i) {
+            bytes1 c = b[i];
+            bool alnum = (c >= "0" && c <= "9") || (c >= "A" && c <= "Z") || (c >= "a" && c <= "z");
+            if (!alnum && (i == 0 || (c != "." && c != "_" && c != "-"))) revert AdapterRegistryBadName(name);
+        }
     }
 
     function _checkSplit(address[] calldata contributors, uint16[] calldata sharesBps) private pure {

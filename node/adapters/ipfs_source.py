@@ -205,17 +205,18 @@ class IpfsAdapterSource(AdapterSource):
     def names(self) -> list[str]:
         return sorted(self.index())
 
-    def canonical(self, name: str) -> str | None:
+    def cid_of(self, name: str) -> str | None:
+        """The CID `name` is (a CID or ipfs:// URL) or names in the index; None for any other name."""
         # a CID is itself; the index only names what is not a CID (publish refuses CID-like names)
         return parse_adapter_cid(name) or self.index().get(name)
 
-    def has(self, name: str) -> bool:
-        return self.canonical(name) is not None
+    async def canonical(self, name: str) -> str | None:
+        return self.cid_of(name)
 
     # -- content ---------------------------------------------------------------------------------
 
     async def fetch(self, name: str) -> Path:
-        cid = self.canonical(name)
+        cid = self.cid_of(name)
         if cid is None:
             raise AdapterUnavailableError(f"{name!r} is neither a CID nor an indexed adapter name")
         cached = self.cache.get(cid)
@@ -275,12 +276,12 @@ class IpfsAdapterSource(AdapterSource):
 
     def accepted(self, name: str) -> None:
         """Only a validated adapter may make the cache evict others (junk never pushes one out)."""
-        cid = self.canonical(name)
+        cid = self.cid_of(name)
         if cid is not None:
             self.cache.trim(keep=cid)
 
     def refused(self, name: str) -> None:
-        cid = self.canonical(name)
+        cid = self.cid_of(name)
         if cid is not None:
             self.cache.remove(cid)
 

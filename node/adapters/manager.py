@@ -94,21 +94,22 @@ class AdapterManager:
                 out[key] = out.get(key, 0) + value
         return out
 
-    def names(self) -> list[str]:
-        """Every adapter a request may name, less those that would be refused: refused before (until
+    async def names(self) -> list[str]:
+        """Every adapter the sources list, less those that would be refused: refused before (until
         their content changes), or, for adapters on local disk, failing the checks that need no
-        tensor values (`check_adapter`, cached per version)."""
+        tensor values (`check_adapter`, cached per version). A request may name more (any CID, any
+        name or id the on-chain registry knows)."""
         out: list[str] = []
         checked: dict[str, tuple[object, bool]] = {}
         for source in self.sources:
             for name in source.names():
-                if name not in out and self._listable(source, name, checked):
+                if name not in out and await self._listable(source, name, checked):
                     out.append(name)
         self._checked = checked
         return out
 
-    def _listable(self, source: AdapterSource, name: str, checked: dict[str, tuple[object, bool]]) -> bool:
-        key = source.canonical(name)
+    async def _listable(self, source: AdapterSource, name: str, checked: dict[str, tuple[object, bool]]) -> bool:
+        key = await source.canonical(name)
         if key is None:
             return False
         version = source.version(name)
@@ -127,26 +128,24 @@ class AdapterManager:
         checked[key] = known
         return known[1]
 
-    def resolve(self, name: str) -> tuple[AdapterSource, str] | None:
-        """The source serving `name` and the adapter's identity there, or None if unknown."""
+    async def resolve(self, name: str) -> tuple[AdapterSource, str] | None:
+        """The first source (in configured order) that knows `name`, and the adapter's identity
+        there; None if none does. AdapterUnavailableError when a source cannot tell now."""
         for source in self.sources:
-            key = source.canonical(name)
+            key = await source.canonical(name)
             if key is not None:
                 return source, key
         return None
 
-    def state(self, name: str) -> AdapterState | None:
-        entry = self._entry(name)
+    async def state(self, name: str) -> AdapterState | None:
+        found = await self.resolve(name)
+        entry = self._entries.get(found[1]) if found else None
         return entry.state if entry else None
-
-    def _entry(self, name: str) -> _Entry | None:
-        found = self.resolve(name)
-        return self._entries.get(found[1]) if found else None
 
     async def acquire(self, name: str) -> LoraAdapter:
         """The validated adapter in host memory, loading it first if needed. Pair with `release`.
         Raises LookupError for an unknown name."""
-        found = self.resolve(name)
+        found = await self.resolve(name)
         if found is None:
             raise LookupError(name)
         source, key = found

@@ -18,26 +18,24 @@ class AdapterSource(abc.ABC):
 
     @abc.abstractmethod
     def names(self) -> list[str]:
-        """Adapters this source can list (for /v1/models)."""
+        """Adapters this source can list (for /v1/models); it may know more than it lists."""
 
     @abc.abstractmethod
-    def has(self, name: str) -> bool:
-        """Whether `name` refers to an adapter of this source."""
-
-    def canonical(self, name: str) -> str | None:
-        """The adapter's identity (e.g. its CID) if `name` refers to one of this source's adapters.
-        Names with the same identity share one load and one device slot."""
-        return name if self.has(name) else None
+    async def canonical(self, name: str) -> str | None:
+        """The adapter's identity (its key: e.g. its CID) if `name` refers to one of this source's
+        adapters, else None. Names with the same identity share one load and one device slot.
+        Async: a source may have to ask elsewhere (the on-chain registry); it raises
+        AdapterUnavailableError when it cannot tell now."""
 
     @abc.abstractmethod
-    async def fetch(self, name: str) -> Path:
-        """A local directory with the adapter's files, verified by the source."""
+    async def fetch(self, key: str) -> Path:
+        """A local directory with the files of the adapter `key` (from `canonical`), verified by the source."""
 
-    def local_path(self, name: str) -> Path | None:
+    def local_path(self, key: str) -> Path | None:
         """The adapter's directory if it is on local disk now (no fetch), else None."""
         return None
 
-    def version(self, name: str) -> object:
+    def version(self, key: str) -> object:
         """A value that changes whenever the adapter's content may have changed; None for content
         that never changes (content-addressed). A refusal is remembered until it changes."""
         return None
@@ -68,20 +66,23 @@ class LocalAdapterSource(AdapterSource):
     def has(self, name: str) -> bool:
         return bool(ADAPTER_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
 
-    def local_path(self, name: str) -> Path | None:
-        return self.root / name if self.has(name) else None
+    async def canonical(self, name: str) -> str | None:
+        return name if self.has(name) else None
 
-    def version(self, name: str) -> object:
+    def local_path(self, key: str) -> Path | None:
+        return self.root / key if self.has(key) else None
+
+    def version(self, key: str) -> object:
         """The directory's files by name, modification time, size and inode: an edit or a copy
         over it changes it."""
         try:
-            stats = [(f.name, f.stat()) for f in (self.root / name).iterdir()]
+            stats = [(f.name, f.stat()) for f in (self.root / key).iterdir()]
         except OSError:
             return None
         return tuple(sorted((n, st.st_mtime_ns, st.st_size, st.st_ino) for n, st in stats))
 
-    async def fetch(self, name: str) -> Path:
-        path = self.root / name
+    async def fetch(self, key: str) -> Path:
+        path = self.root / key
         if not path.is_dir():
-            raise AdapterUnavailableError(f"adapter {name!r} disappeared from {self.root}")
+            raise AdapterUnavailableError(f"adapter {key!r} disappeared from {self.root}")
         return path

@@ -32,14 +32,15 @@ from attribution.errors import AttributionError, ChainError, SignatureError
 from attribution.signing import address_of
 from attribution.types import Domain, InferenceRequest, Signature
 from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, Receipt
+from node.adapters.errors import AdapterUnavailableError
+from node.api.adapters import resolve_adapter
 from node.api.errors import (
     APIError,
     InvalidRequestError,
     NotFoundError,
     ServiceUnavailableError,
-    unknown_model,
 )
-from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, METRICS
+from node.api.keys import ACCOUNTANT, ENGINE, METRICS
 from node.api.schemas import AttributionInfo, PayerPosition
 from node.config import Settings
 
@@ -62,18 +63,6 @@ class RefusedError(APIError, PermissionError):
     @classmethod
     def of(cls, refusal: RequestRefused) -> RefusedError:
         return cls(refusal.status, refusal.code, refusal.message)
-
-
-def adapter_cid(app: web.Application, name: str | None) -> str | None:
-    """The CID of a content-addressed adapter (None for the base model and for local adapter directories)."""
-    adapters = app.get(ADAPTERS)
-    if name is None or adapters is None:
-        return None
-    found = adapters.resolve(name)
-    if found is None:
-        raise unknown_model(name)
-    source, key = found
-    return key if source.content_addressed else None
 
 
 def signed_request(request: web.Request) -> tuple[InferenceRequest, Signature] | None:
@@ -246,12 +235,12 @@ async def model_terms(app: web.Application, name: str) -> dict[str, str]:
     try:
         adapter_id = 0
         if name != engine.model_name:
-            cid = adapter_cid(app, name)
+            cid = (await resolve_adapter(app, name)).cid
             if cid is None:  # a local adapter directory: not content-addressed, so not payable
                 return {}
             adapter_id = await accountant.ledger.adapter_id(cid)
         terms = await accountant.ledger.terms(adapter_id, accountant.node, int(time.time()))
-    except (LookupError, ChainError, APIError):
+    except (LookupError, ChainError, APIError, AdapterUnavailableError):
         return {}
     return {"adapterId": str(adapter_id), "priceIn": str(terms.price_in), "priceOut": str(terms.price_out)}
 

@@ -13,7 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.adapters.factory import adapter_manager
 from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
-from node.api.errors import error_middleware, unknown_model
+from node.api.adapters import resolve_adapter
+from node.api.errors import error_middleware
 from node.api.generation import chat_completions, completions
 from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
 from node.api.metrics import Metrics, metrics_middleware
@@ -110,7 +111,8 @@ async def _adapters(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # prepares the base model directory on first use (a torch conversion: in a thread of its own, node.threads)
     base = await asyncio.get_running_loop().run_in_executor(None, run_in_fresh_thread, served_base_shape, settings)
-    manager = adapter_manager(settings, base)
+    accountant = app.get(ACCOUNTANT)  # with a chain, the AdapterRegistry is a source too, read through its ledger
+    manager = adapter_manager(settings, base, accountant.ledger if accountant is not None else None)
     if manager is not None:
         app[ADAPTERS] = manager
         app[METRICS].watch_adapter_cache(manager.cache_stats)
@@ -166,7 +168,7 @@ async def _card(app: web.Application, name: str) -> ModelCard:
 
 async def list_models(request: web.Request) -> web.Response:
     adapters = request.app.get(ADAPTERS)
-    names = [request.app[ENGINE].model_name] + (adapters.names() if adapters is not None else [])
+    names = [request.app[ENGINE].model_name] + (await adapters.names() if adapters is not None else [])
     body = ModelList(data=[await _card(request.app, name) for name in names])
     return web.json_response(text=body.model_dump_json(exclude_none=True))
 
@@ -177,10 +179,9 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     engine = request.app[ENGINE]
     if name != engine.model_name:
-        adapters = request.app.get(ADAPTERS)
-        if adapters is None or adapters.resolve(name) is None:
-            raise unknown_model(name)
-        adapters.release(await adapters.acquire(name))
+        key = (await resolve_adapter(request.app, name)).key
+        adapters = request.app[ADAPTERS]
+        adapters.release(await adapters.acquire(key))
     return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 

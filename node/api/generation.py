@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from attribution.wire import RECEIPT_EVENT_OBJECT, RECEIPT_FIELD
 from node.api import accounting
+from node.api.adapters import resolve_adapter
 from node.api.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -263,16 +264,18 @@ async def _complete(
     `[DONE]` of a stream. A stream whose client leaves midway is recorded for the tokens already sent; a
     request that ends before any token reached the client is not recorded and costs nothing."""
     engine = request.app[ENGINE]
-    # Any other name is an adapter's; the engine knows which exist (UnknownModelError -> 404).
+    # Any other name is an adapter's (404 if no source knows it), resolved once: authorisation prices the
+    # adapter the engine then serves, even if its name is re-pointed on chain meanwhile.
     adapter = None if req.model == engine.model_name else req.model
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
+    resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
     grant = await accounting.authorise(
-        request, raw, accounting.adapter_cid(request.app, adapter), adapter is not None, len(prompt_ids)
+        request, raw, resolved.cid if resolved else None, adapter is not None, len(prompt_ids)
     )
     if grant is not None:
         max_tokens = min(max_tokens, grant.max_tokens)
-    gen = GenerationRequest(fmt.id, prompt_ids, _sampling(req, max_tokens), adapter)
+    gen = GenerationRequest(fmt.id, prompt_ids, _sampling(req, max_tokens), resolved.key if resolved else None)
     run = _Run(request, gen, started)
     sent: list[str] = []
     sent_tokens = 0

@@ -229,9 +229,9 @@ async def test_loading_adapter_never_blocks_other_requests(
     async with serve_node(tiny_model_dir, cache_dir=tmp_path, ipfs_gateways=[gateway], adapters_dir=local) as node:
         pending = asyncio.create_task(chat(node.url, slow_cid))
         deadline = asyncio.get_running_loop().time() + 30  # the request reaches the manager (a loaded CI is slow)
-        while node.adapters.state(slow_cid) is None and asyncio.get_running_loop().time() < deadline:
+        while await node.adapters.state(slow_cid) is None and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        assert node.adapters.state(slow_cid).value == "fetching"
+        assert (await node.adapters.state(slow_cid)).value == "fetching"
         others = await asyncio.gather(chat(node.url, "tiny"), chat(node.url, "ready"))
         assert not pending.done() and all(others)
         released.set()

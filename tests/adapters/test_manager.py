@@ -57,8 +57,8 @@ async def source(request, adapters_root, tmp_path) -> AdapterSource:
 
 async def test_source_conformance(source: AdapterSource, adapters_root):
     assert source.names() == ["a0", "a1", "a2", "a3"]
-    assert source.has("a2") and not source.has("nope") and not source.has("../a1")
-    assert source.canonical("nope") is None
+    assert await source.canonical("a2") is not None
+    assert await source.canonical("nope") is None and await source.canonical("../a1") is None
     path = await source.fetch("a1")
     assert (path / CONFIG_FILE).read_bytes() == (adapters_root / "a1" / CONFIG_FILE).read_bytes()
     assert (path / WEIGHTS_FILE).read_bytes() == (adapters_root / "a1" / WEIGHTS_FILE).read_bytes()
@@ -68,14 +68,14 @@ async def test_ipfs_source_fetches_each_cid_once(adapters_root, ipfs_node, tmp_p
     source, cids = await _ipfs_source(adapters_root, ipfs_node, tmp_path)
     paths = await asyncio.gather(*(source.fetch(n) for n in ["a0", cids["a0"], f"ipfs://{cids['a0']}", "a0"]))
     assert len(set(paths)) == 1 and source.fetches == 1
-    assert source.canonical(f"ipfs://{cids['a3']}") == source.canonical("a3") == cids["a3"]
+    assert await source.canonical(f"ipfs://{cids['a3']}") == await source.canonical("a3") == cids["a3"]
 
 
 async def test_concurrent_requests_share_one_load(adapters_root, base):
     manager = AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8)
     adapters = await asyncio.gather(*(manager.acquire("a0") for _ in range(5)))
     assert all(a is adapters[0] for a in adapters) and manager.loads == 1
-    assert manager.state("a0") is AdapterState.LOADED
+    assert await manager.state("a0") is AdapterState.LOADED
     for a in adapters:
         manager.release(a)
 
@@ -89,13 +89,13 @@ async def test_failed_adapter_backs_off_then_retries(adapters_root, base, tmp_pa
     manager = AdapterManager([LocalAdapterSource(root)], base, max_rank=8, retry_backoff_s=0.2)
     with pytest.raises(InvalidAdapterError, match="not valid JSON"):
         await manager.acquire("bad")
-    assert manager.state("bad") is AdapterState.FAILED
+    assert await manager.state("bad") is AdapterState.FAILED
     cfg_file.write_text(good_cfg)  # fixed, but the backoff has not passed: same answer, no reload
     with pytest.raises(InvalidAdapterError, match="not valid JSON"):
         await manager.acquire("bad")
     await asyncio.sleep(0.25)
     adapter = await manager.acquire("bad")
-    assert manager.state("bad") is AdapterState.LOADED and manager.failure_counts == {"config": 1}
+    assert await manager.state("bad") is AdapterState.LOADED and manager.failure_counts == {"config": 1}
     manager.release(adapter)
 
 
@@ -104,9 +104,9 @@ async def test_host_tier_evicts_lru_but_never_in_use(adapters_root, base):
     held = await manager.acquire("a0")  # stays in use throughout
     for name in ("a1", "a2", "a3"):
         manager.release(await manager.acquire(name))
-    assert manager.state("a0") is AdapterState.LOADED
-    assert manager.state("a3") is AdapterState.LOADED
-    assert manager.state("a1") is AdapterState.VERIFIED and manager.state("a2") is AdapterState.VERIFIED
+    assert await manager.state("a0") is AdapterState.LOADED
+    assert await manager.state("a3") is AdapterState.LOADED
+    assert await manager.state("a1") is AdapterState.VERIFIED and await manager.state("a2") is AdapterState.VERIFIED
     assert manager.num_loaded == 2
     manager.release(held)
 

@@ -11,7 +11,7 @@ from attribution.deploy import Contracts
 from attribution.devchain import free_port
 from attribution.errors import ChainError
 from attribution.ledger import ChainLedger
-from tests.attribution.helpers import World
+from tests.attribution.helpers import CONFIG, World
 
 
 class Clock:
@@ -42,3 +42,29 @@ async def test_cache_ttl_outage_and_staleness(world: World) -> None:
     with pytest.raises(ChainError):  # never read: nothing to fall back on
         await ledger.escrow_available(world.payer_b.address, node)
     await dead.close()
+
+
+async def test_registry_names_and_ids_follow_the_chain_after_the_ttl(world: World) -> None:
+    """What the node's registry adapter source reads: a name's adapter and an adapter's CID, cached for `ttl`;
+    a name moved to a new version is followed once the TTL has passed, a retirement once it is in force."""
+    clock = Clock()
+    ledger = ChainLedger(world.c, ttl=2.0, clock=clock)
+    a, owner = world.c.adapters, world.owner
+    now = await world.chain.timestamp()
+    await a.set_name(owner, "demo", 1)
+    assert await ledger.adapter_id_by_name("demo") == 1
+    assert await ledger.registered_cid(1, now) == "bafy-adapter-one"
+    assert await ledger.adapter_id_by_name("nobody") == 0
+    assert await ledger.registered_cid(99, now) is None  # no such adapter: None, not a revert
+    await a.set_name(owner, "demo", 2)  # a new version of "demo"
+    clock.now += 1.9
+    assert await ledger.adapter_id_by_name("demo") == 1  # within the TTL: the cached answer
+    clock.now += 0.2
+    assert await ledger.adapter_id_by_name("demo") == 2
+    assert await ledger.registered_cid(2, now) == "bafy-adapter-two"
+    receipt = await a.retire(owner, 2)
+    since = a.events(receipt, "AdapterRetired")[0]["since"]
+    assert since >= now + CONFIG.notice_period
+    clock.now += 2.1
+    assert await ledger.registered_cid(2, since - 1) == "bafy-adapter-two"  # announced, not in force yet
+    assert await ledger.registered_cid(2, since) is None

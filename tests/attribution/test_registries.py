@@ -94,6 +94,39 @@ async def test_adapter_owner_only(world: World) -> None:
     await a.update_prices(s, 1, 3, 4)
 
 
+async def test_adapter_names(world: World) -> None:
+    """A name points at one adapter; its owner moves it to a new version (a new CID, so a new adapter);
+    nobody else can take it; the name rule holds at its bounds."""
+    a, owner, s = world.c.adapters, world.owner, world.stranger
+    assert await a.adapter_id_by_name("demo") == 0
+    receipt = await a.set_name(owner, "demo", 1)
+    assert a.events(receipt, "AdapterNamed")[0] == {"name": "demo", "adapterId": 1, "previousAdapterId": 0}
+    assert await a.adapter_id_by_name("demo") == 1 and await a.adapter_id_by_name("Demo") == 0
+    receipt = await a.set_name(owner, "demo", 2)  # the owner's next version
+    assert a.events(receipt, "AdapterNamed")[0]["previousAdapterId"] == 1
+    assert await a.adapter_id_by_name("demo") == 2
+    mine = await a.register(s, "bafy-stranger", bytes(32), 1, 1, [s.address], [10_000])
+    with reverts("AdapterRegistryNameTaken") as taken:
+        await a.set_name(s, "demo", mine)
+    assert taken.value.error_args == ("demo", 2)
+    with reverts("AdapterRegistryNotOwner"):
+        await a.set_name(s, "other", 1)
+    with reverts("AdapterRegistryUnknownAdapter"):
+        await a.set_name(owner, "other", 99)
+    longest = "a" + "-._9Z" * 12 + "xyz"  # 64 bytes
+    await a.set_name(s, longest, mine)
+    assert await a.adapter_id_by_name(longest) == mine
+    for bad in ("", longest + "b", "-lead", ".lead", "_lead", "sp ace", "sla/sh", "colon:1", "ü"):
+        with reverts("AdapterRegistryBadName"):
+            await a.set_name(s, bad, mine)
+    await a.transfer_ownership(owner, 2, s.address)  # the name follows the adapter it points to
+    await a.set_name(s, "demo", mine)
+    assert await a.adapter_id_by_name("demo") == mine
+    await a.retire(s, mine)
+    with reverts("AdapterRegistryRetired"):
+        await a.set_name(s, "fresh", mine)
+
+
 async def test_node_register_and_settings(world: World) -> None:
     n, node = world.c.nodes, world.node
     info = await n.node_of(node.address)

@@ -8,12 +8,16 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
+from eth_account import Account
 
 from attribution.caps import CapLedger
+from attribution.chain import Chain
 from attribution.client import OpenLoRAClient, build_chat_body
+from attribution.deploy import Contracts, Deployments
 from attribution.errors import NodeRefusedError, RequestBuildError
 from attribution.keys import load_keystore
 from attribution.signing import address_of, sign_request
@@ -21,12 +25,15 @@ from attribution.storage import State
 from attribution.tokens import InputTokenCounter
 from attribution.types import SECP256K1_N, Domain, InferenceRequest, Signature
 from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, prompt_hash
-from node.api.keys import ACCOUNTANT, ENGINE
+from node.adapters.ipfs import KuboRpcClient, import_directory
+from node.adapters.synthetic import make_random_adapter
+from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE
 from node.devnet import PAYER_DEPOSIT, LocalNetwork
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 STRANGER_KEY = b"\x42" * 32
+REGISTRY_TTL = 2.0  # the node's chain-read cache (attribution.ledger.ChainLedger's default)
 
 
 def payer_key(net: LocalNetwork) -> str:
@@ -247,3 +254,57 @@ async def test_no_key_in_logs_errors_or_metrics(net: LocalNetwork, caplog) -> No
     texts.append(net.settings.model_dump_json())  # settings render secrets masked
     for key in keys:
         assert all(key not in text.lower() for text in texts)
+
+
+async def test_registry_names_and_ids_resolve_on_chain(net: LocalNetwork, tmp_path) -> None:
+    """With a chain, the AdapterRegistry is an adapter source: a name set there (in no index of the node) and
+    `adapter:<id>` serve the registered CID, paid under its adapter id; the name moved to a new version serves
+    the new CID once the registry cache's TTL has passed; what the registry does not know is a 404."""
+    owner = Account.from_key(net.anvil.private_keys[0])
+    chain = await Chain.connect(net.anvil.rpc_url)
+    try:
+        adapters = Contracts.attach(chain, Deployments.load(net.provisioned.deployments)).adapters
+        ids, cids = [], []
+        for seed in (21, 22):
+            directory = tmp_path / f"version-{seed}"
+            await asyncio.to_thread(make_random_adapter, Path(net.settings.model), directory, seed=seed)
+            async with KuboRpcClient(net.ipfs.api_url) as client:
+                cids.append(str(await client.publish(await asyncio.to_thread(import_directory, directory))))
+            ids.append(await adapters.register(owner, cids[-1], bytes(32), 10**9, 10**9, [owner.address], [10_000]))
+        await adapters.set_name(owner, "registry-only", ids[0])
+
+        async def card(name: str) -> tuple[int, dict]:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{net.url}/v1/models/{name}") as response:
+                    return response.status, await response.json()
+
+        for name in ("registry-only", f"adapter:{ids[0]}"):
+            status, answer = await card(name)
+            assert (status, answer["id"], answer["adapterId"]) == (200, name, str(ids[0]))
+        assert (await net.app[ADAPTERS].resolve("registry-only"))[1] == cids[0]
+        payload, headers = await signed(net, body(net, model="registry-only"), adapter_id=ids[0])
+        status, answer = await post(net, payload, headers)
+        assert status == 200 and answer["openlora"]["request"]["adapterId"] == str(ids[0])
+        payload, headers = await signed(net, body(net, model="registry-only"), adapter_id=ids[1])
+        status, answer = await post(net, payload, headers)  # signed for the next version: not what the name is yet
+        assert (status, answer["error"]["code"]) == (422, "adapter_mismatch")
+
+        await adapters.set_name(owner, "registry-only", ids[1])  # the owner's new version
+        deadline = time.monotonic() + REGISTRY_TTL + 5
+        while (await card("registry-only"))[1]["adapterId"] != str(ids[1]):
+            assert time.monotonic() < deadline, "the moved name was not followed after the TTL"
+            await asyncio.sleep(0.2)
+        assert (await net.app[ADAPTERS].resolve("registry-only"))[1] == cids[1]
+        payload, headers = await signed(net, body(net, model="registry-only"), adapter_id=ids[1])
+        status, answer = await post(net, payload, headers)
+        assert status == 200 and answer["openlora"]["request"]["adapterId"] == str(ids[1])
+        assert (await card(f"adapter:{ids[0]}"))[1]["adapterId"] == str(ids[0])  # the old version stays by id
+
+        for unknown in ("never-registered", "adapter:999999", "adapter:0", f"adapter:{2**64}"):
+            status, answer = await card(unknown)
+            assert (status, answer["error"]["code"]) == (404, "model_not_found"), unknown
+        payload, headers = await signed(net, body(net, model="never-registered"), adapter_id=ids[0])
+        status, answer = await post(net, payload, headers)
+        assert (status, answer["error"]["code"]) == (404, "model_not_found")
+    finally:
+        await chain.close()
