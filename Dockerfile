@@ -38,7 +38,8 @@ ENV OPENLORA_HOST=0.0.0.0 \
 # CPU LoRA kernel (rebuilt at start only on a different CPU). Declared a
 # volume after this step: a fresh named volume starts with the prepared model in it.
 RUN openlora model prepare \
- && python -c "import kernels.cpu as k, sys; sys.exit(not k.available() and k.unavailable_reason())"
+ && python -c "import kernels, kernels.cpu as k, sys; from node.config import Settings; \
+kernels.configure(Settings().kernel_config()); sys.exit(not k.available() and k.unavailable_reason())"
 VOLUME ["/home/openlora/.cache/openlora"]
 
 EXPOSE 8000

@@ -6,7 +6,8 @@
 `kernels.dispatch` is the one place that picks the implementation (its docstring has the rules);
 `add_lora` asks it on every call, the engine's slot pool once (`backend_for`) and keeps the
 weights packed for it. Triton is imported on first use, so importing this package works where
-Triton does not, and TRITON_INTERPRET may be set any time before the first call.
+Triton does not, and TRITON_INTERPRET may be set any time before the first call. The package
+reads no settings of its own from the environment: `configure(KernelConfig(...))` hands them in.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
+from kernels.config import KernelConfig, configure
 from kernels.dispatch import BACKENDS, LoraBackend, StackedWeights, backend_for, triton_available, triton_ops_for
 from kernels.meta import LoraMeta, build_lora_meta
 
 __all__ = [
     "BACKENDS",
+    "KernelConfig",
     "LoraBackend",
     "LoraMeta",
     "StackedWeights",
     "add_lora",
     "backend_for",
     "build_lora_meta",
+    "configure",
     "lora_expand",
     "lora_shrink",
     "triton_available",

@@ -10,11 +10,11 @@ weights have flushed the caches (30-70 us measured inside a decode step), and an
 formulation multiplies every token by every slot in use. The C kernel is one call per layer and
 group that reads only the slots in use, up to their ranks (docs/kernels.md has the numbers).
 
-The shared object is built with the system C compiler (`$CC`, else `gcc`, else `cc`) for this
-CPU (`-march=native`, plus `$OPENLORA_KERNEL_CFLAGS`) into `$OPENLORA_KERNEL_CACHE` (default
-`~/.cache/openlora/kernels`), keyed by the source, the flags, the compiler and the CPU, so a build
-happens once per machine (about a second). With AVX512-BF16 the bf16 kernel multiplies bf16
-pairs directly (vdpbf16ps); elsewhere the portable C, vectorized by the compiler, serves. Where
+The shared object is built with the system C compiler (`KernelConfig.cc`: the node's `$CC`, else
+`gcc`, else `cc`) for this CPU (`-march=native`, plus `KernelConfig.cflags`) into
+`KernelConfig.cache_dir` (default `~/.cache/openlora/kernels`), keyed by the source, the flags, the
+compiler and the CPU, so a build happens once per machine (about a second). With AVX512-BF16 the
+bf16 kernel multiplies bf16 pairs directly (vdpbf16ps); elsewhere the portable C, vectorized by the compiler, serves. Where
 there is no compiler, or the build fails, `available()` is False and `unavailable_reason()`
 says why; callers then use the torch paths.
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import config
 from kernels.checks import check_per_slot, check_slice_offsets
 from kernels.meta import LoraMeta
 
@@ -58,10 +59,11 @@ _lock = threading.Lock()
 _lib: dict[torch.dtype, ctypes._CFuncPtr] | None = None
 _features: ctypes._CFuncPtr | None = None
 _error: str | None = None
+_built_for: config.KernelConfig | None = None  # the settings _lib or _error came from
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OPENLORA_KERNEL_CACHE") or Path.home() / ".cache" / "openlora" / "kernels")
+    return config.current().cache_dir or config.default_cache_dir()
 
 
 def available() -> bool:
@@ -192,43 +194,49 @@ def apply(
 
 
 def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
-    global _lib, _error, _features
-    if _lib is not None or _error is not None:
+    global _lib, _error, _features, _built_for
+    settings = config.current()
+    if _built_for is settings:  # the common case: one identity check per call
         return _lib
     with _lock:
-        if _lib is None and _error is None:
-            try:
-                lib = ctypes.CDLL(str(_build()))
-                fns = {dtype: getattr(lib, name) for dtype, name in _FUNCTIONS.items()}
-                features_fn = lib.openlora_kernel_features
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-                _error = str(e)
-                log.warning("native CPU LoRA kernel unavailable (%s); using the torch path", e)
-                return None
-            for fn in fns.values():
-                fn.restype = ctypes.c_int
-                fn.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_int64,
-                    ctypes.c_void_p,
-                    ctypes.c_int64,
-                    ctypes.c_void_p,
-                    ctypes.c_void_p,
-                ]
-            features_fn.restype, features_fn.argtypes = ctypes.c_int, []
-            _features = features_fn
-            _lib = fns
+        if _built_for != settings:  # first use, or the settings changed (kernels.config.configure)
+            _lib, _features, _error = _open()
+        _built_for = settings
     return _lib
 
 
+def _open() -> tuple[dict[torch.dtype, ctypes._CFuncPtr] | None, ctypes._CFuncPtr | None, str | None]:
+    """(functions by dtype, the features function, None) of the built library, or (None, None, why not)."""
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        fns = {dtype: getattr(lib, name) for dtype, name in _FUNCTIONS.items()}
+        features_fn = lib.openlora_kernel_features
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        log.warning("native CPU LoRA kernel unavailable (%s); using the torch path", e)
+        return None, None, str(e)
+    for fn in fns.values():
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+    features_fn.restype, features_fn.argtypes = ctypes.c_int, []
+    return fns, features_fn, None
+
+
 def _compiler() -> list[str]:
-    """$CC (with its arguments), else gcc, else cc: GCC links the libgomp torch already loaded,
-    where clang's -fopenmp would bring a second OpenMP runtime."""
-    if os.environ.get("CC"):
-        cc = shlex.split(os.environ["CC"])
+    """The configured compiler (the node's $CC, with its arguments), else gcc, else cc: GCC links the
+    libgomp torch already loaded, where clang's -fopenmp would bring a second OpenMP runtime."""
+    configured = config.current().cc
+    if configured:
+        cc = shlex.split(configured)
         if cc and shutil.which(cc[0]):
             return cc
-        raise RuntimeError(f"CC={os.environ['CC']!r} is not an executable")
+        raise RuntimeError(f"CC={configured!r} is not an executable")
     for cc in ("gcc", "cc"):
         if shutil.which(cc):
             return [cc]
@@ -238,7 +246,7 @@ def _compiler() -> list[str]:
 def _build() -> Path:
     """The compiled shared object for this source, compiler and CPU; built if not cached."""
     cc = _compiler()
-    flags = (*_FLAGS, *shlex.split(os.environ.get("OPENLORA_KERNEL_CFLAGS", "")))
+    flags = (*_FLAGS, *shlex.split(config.current().cflags))
     version = subprocess.run(
         [*cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30
     ).stdout.splitlines()[:1]

@@ -11,7 +11,8 @@ stored (`b_columns`: the C kernel expands along contiguous output columns, so th
 B as [S, R, N] storage seen through a transposed view; Triton wants B contiguous).
 
 The rules, in order (the first that applies wins):
-1. `OPENLORA_FORCE_TRITON=1`: Triton (on CPU tensors only under `TRITON_INTERPRET=1`: tests).
+1. `KernelConfig.force_triton` (the node's `OPENLORA_FORCE_TRITON=1`): Triton (on CPU tensors only
+   under `TRITON_INTERPRET=1`: tests).
 2. CUDA tensors: Triton, or the reference where Triton does not import.
 3. CPU tensors of a dtype the C kernel has (fp32, bf16), where it builds: native.
 4. Everything else: the reference.
@@ -29,7 +30,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import torch
 
-from kernels import cpu, reference
+from kernels import config, cpu, reference
 from kernels.meta import LoraMeta
 
 W = TypeVar("W")
@@ -166,7 +167,7 @@ def _cannot_run(name: str, device: torch.device, dtype: torch.dtype) -> str | No
 
 
 def _forced_triton() -> bool:
-    if os.environ.get("OPENLORA_FORCE_TRITON") != "1":
+    if not config.current().force_triton:
         return False
     if _load_triton() is None:
         raise RuntimeError(f"OPENLORA_FORCE_TRITON=1 but Triton failed to import: {_triton_error!r}")

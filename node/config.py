@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from kernels.config import KernelConfig
 
 
 def _check_http_url(url: str, what: str) -> str:
@@ -66,6 +70,23 @@ class Settings(BaseSettings):
     )
     default_max_tokens: int = Field(256, ge=1)
     prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before, per adapter")
+
+    # LoRA kernels (handed to the kernels package at engine start: `kernel_config`)
+    kernel_cache: Path | None = Field(
+        None,
+        description="where the native CPU LoRA kernel is built (once per machine and compiler); "
+        "default: ~/.cache/openlora/kernels, whatever --cache-dir says (the build is per machine, not per node)",
+    )
+    kernel_cflags: str = Field("", description="extra C compiler flags for the native CPU kernel (shell-quoted)")
+    cc: str = Field(
+        "",
+        validation_alias=AliasChoices("cc", "CC"),
+        description="C compiler for the native CPU kernel, with any arguments (env CC, make's convention); "
+        "default: gcc, else cc",
+    )
+    force_triton: bool = Field(
+        False, description="Triton for every LoRA update (tests; CPU tensors need TRITON_INTERPRET=1)"
+    )
 
     # LoRA adapters
     adapters_dir: Path | None = Field(None, description="directory of PEFT adapters, one sub-directory each")
@@ -135,6 +156,17 @@ class Settings(BaseSettings):
     @property
     def default_adapter_index(self) -> Path:
         return self.cache_dir / "adapter-index.json"
+
+    def kernel_config(self) -> KernelConfig:
+        """The kernels' settings (the kernels package reads no environment itself)."""
+        from kernels.config import KernelConfig  # importing the kernels package imports torch: not for every command
+
+        return KernelConfig(
+            cache_dir=self.kernel_cache,
+            cflags=self.kernel_cflags,
+            cc=self.cc,
+            force_triton=self.force_triton,
+        )
 
     @property
     def journal_file(self) -> Path:

@@ -15,6 +15,7 @@ without CUDA, --check and --triton run the kernels in Triton's interpreter (slow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -33,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import kernels  # noqa: E402
 import kernels.cpu  # noqa: E402
 from kernels import reference  # noqa: E402
+from node.config import Settings  # noqa: E402
 
 # (name, H_in, slice output sizes) per projection group, fused as the engine fuses them
 MODELS = {
@@ -354,7 +356,7 @@ def bench_triton(args) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
-        os.environ["OPENLORA_FORCE_TRITON"] = "1"  # the interpreter: timings are meaningless
+        force_triton()  # the interpreter: timings are meaningless
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     model = args.model or ("llama2-7b" if cuda else "tiny")
     timer = Timer(device, 1 if not cuda else 5 if args.quick else 20)
@@ -425,7 +427,7 @@ def run_check(args) -> bool:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = args.model or ("llama2-7b" if cuda else "tiny")
-    os.environ["OPENLORA_FORCE_TRITON"] = "1"
+    force_triton()
     if not kernels.triton_available():
         args.report.append("FAIL triton does not import")
         return False
@@ -474,6 +476,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want.float()).abs().max().item() / scale
 
 
+def force_triton() -> None:
+    kernels.configure(dataclasses.replace(kernels.config.current(), force_triton=True))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="Triton vs reference correctness; exit 1 on a mismatch")
@@ -485,6 +491,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="also write the report to this directory")
     args = p.parse_args()
+    kernels.configure(Settings().kernel_config())  # OPENLORA_KERNEL_CACHE, OPENLORA_KERNEL_CFLAGS, CC, ...
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
+import kernels
 from node.adapters.errors import AdapterError
 from node.config import Settings
 from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
@@ -52,6 +53,7 @@ class AsyncEngine:
     @classmethod
     def _load(cls, settings: Settings, adapters: AdapterProvider | None, progress: bool) -> AsyncEngine:
         set_threads(settings.threads)
+        kernels.configure(settings.kernel_config())  # before the LoRA layout picks (and builds) a kernel
         path = prepare_model(settings, progress=progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)

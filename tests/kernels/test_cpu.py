@@ -220,8 +220,11 @@ def test_rank_zero_slots_leave_y_bit_exact(dtype: torch.dtype) -> None:
 
 
 def _in_fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter whose kernels are configured, as the node's engine does at start,
+    from Settings and so from `env` (OPENLORA_KERNEL_CACHE, OPENLORA_KERNEL_CFLAGS, CC)."""
+    setup = "import kernels; from node.config import Settings; kernels.configure(Settings().kernel_config())\n"
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", setup + textwrap.dedent(code)],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

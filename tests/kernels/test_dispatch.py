@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,10 +24,22 @@ def problem(dtype: torch.dtype = torch.float32):
     return make_problem([3, -1, 0, 0, 2, 1], QKV, hidden=40, ranks=RANKS, max_rank=16, dtype=dtype)
 
 
+@pytest.fixture(autouse=True)
+def kernel_config() -> Iterator[None]:
+    """Each test starts from the default kernel settings; what a test configures is undone after it."""
+    before = kernels.config.current()
+    kernels.configure(kernels.KernelConfig())
+    yield
+    kernels.configure(before)
+
+
+def force_triton() -> None:
+    kernels.configure(kernels.KernelConfig(force_triton=True))
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Which backend's apply ran, in order (each still runs)."""
-    monkeypatch.delenv("OPENLORA_FORCE_TRITON", raising=False)
     seen: list[str] = []
     for backend in kernels.BACKENDS.values():
         original = backend.apply
@@ -83,7 +96,7 @@ def test_b_storage_each_backend_wants() -> None:
 def test_forced_triton_matches_the_oracle(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
     if not kernels.triton_available():
         pytest.skip("triton does not import here")
-    monkeypatch.setenv("OPENLORA_FORCE_TRITON", "1")
+    force_triton()
     monkeypatch.setattr(reference, "shrink_expand", None)  # any fallback would fail loudly
     p = problem()
     y = p.y.clone()
@@ -106,7 +119,7 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch: pytest.MonkeyP
 
 
 def test_base_only_step_returns_before_any_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENLORA_FORCE_TRITON", "1")
+    force_triton()
     monkeypatch.setattr(dispatch, "backend_for", None)
     p = make_problem([-1, -1, -1], QKV, hidden=40, ranks=RANKS, max_rank=16)
     y = p.y.clone()
@@ -117,7 +130,7 @@ def test_base_only_step_returns_before_any_backend(monkeypatch: pytest.MonkeyPat
 def test_import_works_without_triton() -> None:
     code = textwrap.dedent(
         """
-        import os, sys
+        import sys
         sys.modules["triton"] = None  # `import triton` now raises ImportError
         import torch, kernels
         meta = kernels.build_lora_meta(torch.tensor([0, -1, 1]))
@@ -131,7 +144,7 @@ def test_import_works_without_triton() -> None:
             kernels.add_lora(y, *args, backend="triton")
         except ValueError as e:
             print("refused:", e)
-        os.environ["OPENLORA_FORCE_TRITON"] = "1"
+        kernels.configure(kernels.KernelConfig(force_triton=True))
         try:
             kernels.add_lora(y, *args)
         except RuntimeError as e:
