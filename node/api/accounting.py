@@ -35,6 +35,7 @@ from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, Receipt
 from node.adapters.errors import AdapterUnavailableError
 from node.api.adapters import resolve_adapter
 from node.api.errors import (
+    ERROR_TYPES,
     APIError,
     InvalidRequestError,
     NotFoundError,
@@ -49,16 +50,13 @@ class ConfigurationError(AttributionError, ValueError):
     """The node's attribution settings are incomplete (a start-up error: one clear line, exit 1)."""
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error"}
-
-
 class RefusedError(APIError, PermissionError):
     """A signed request the node refused before generating: nothing reserved (except a replay's interval), nothing charged."""
 
     def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message, param=param, code=code)
         self.status = status
-        self.type = _TYPES.get(status, "invalid_request_error")
+        self.type = ERROR_TYPES.get(status, "invalid_request_error")
 
     @classmethod
     def of(cls, refusal: RequestRefused) -> RefusedError:

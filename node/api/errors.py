@@ -1,7 +1,9 @@
 """The API's exceptions and the one middleware that turns every failure into OpenAI error JSON.
 
-Handlers raise `APIError` subclasses (or let engine errors, aiohttp's HTTP exceptions and bugs
+Handlers raise `APIError` subclasses (or let domain errors, aiohttp's HTTP exceptions and bugs
 propagate); `error_middleware` maps each to a status and `{"error": {message, type, param, code}}`.
+Domain errors (the engine's, the adapters') declare their own status, code and parameter
+(`node.errors.ClientFacingError`) and are mapped by that declaration alone.
 Each subclass also inherits the builtin it resembles, so callers outside HTTP can catch it naturally.
 """
 
@@ -13,13 +15,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
 from node.adapters.ipfs_source import cid_problem
 from node.api.keys import STREAM_RESPONSE
 from node.api.schemas import ErrorBody, ErrorResponse
-from node.engine import EngineError, PromptTooLongError, UnknownModelError
+from node.errors import ClientFacingError
 
 log = logging.getLogger(__name__)
+
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}  # 4xx statuses whose type is not invalid_request
 
 
 class APIError(Exception):
@@ -106,6 +109,25 @@ class InternalError(APIError, RuntimeError):
     code = "internal_error"
 
 
+class DeclaredError(APIError):
+    """A domain error (`node.errors.ClientFacingError`: the engine's, the adapters') as it declares itself:
+    its status, code, parameter and client message; the type follows from the status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None, code: str | None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.type = "server_error" if status >= 500 else ERROR_TYPES.get(status, "invalid_request_error")
+
+    @classmethod
+    def of(cls, exc: ClientFacingError, request: web.Request) -> DeclaredError:
+        if exc.internal:
+            log.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
+        param = exc.param
+        if param == "prompt" and request.path == "/v1/chat/completions":
+            param = "messages"  # the chat endpoint's prompt
+        return cls(exc.status, exc.client_message(), param=param, code=exc.code)
+
+
 def from_validation_error(exc: ValidationError, field_names: frozenset[str]) -> InvalidRequestError:
     """The first pydantic error as an OpenAI-style 400 whose `param` is the field path, e.g. `messages[0].role`.
 
@@ -142,17 +164,8 @@ def to_api_error(exc: Exception, request: web.Request) -> APIError:
     """Map any exception escaping a handler to the APIError the client sees."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, PromptTooLongError):
-        param = "messages" if request.path == "/v1/chat/completions" else "prompt"
-        return ContextLengthExceededError(str(exc), param=param)
-    if isinstance(exc, UnknownModelError):
-        return unknown_model(exc.name)
-    if isinstance(exc, AdapterNotFoundError):
-        return ModelNotFoundError(f"The model does not exist: {exc}", param="model")
-    if isinstance(exc, InvalidAdapterError):
-        return InvalidRequestError(f"The adapter cannot be used: {exc}", param="model", code="adapter_invalid")
-    if isinstance(exc, AdapterUnavailableError):
-        return ServiceUnavailableError(f"The adapter is not available now: {exc}", code="adapter_unavailable")
+    if isinstance(exc, ClientFacingError):
+        return DeclaredError.of(exc, request)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLargeError(f"Request body too large: the limit is {request.client_max_size} bytes.")
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -161,9 +174,6 @@ def to_api_error(exc: Exception, request: web.Request) -> APIError:
         return NotFoundError(f"No route {request.method} {request.path}.", code="unknown_url")
     if isinstance(exc, web.HTTPClientError):
         return InvalidRequestError(exc.reason)
-    if isinstance(exc, EngineError):
-        log.error("engine error: %s", exc, exc_info=exc)
-        return ServiceUnavailableError("The inference engine failed to serve this request.")
     log.error("unhandled error", exc_info=exc)
     return InternalError("Internal server error.")
 

@@ -1,8 +1,15 @@
-"""Engine exceptions. Each also inherits the matching builtin and carries a user-safe message."""
+"""Engine exceptions. Each also inherits the matching builtin and carries a user-safe message, and
+declares what it means to a client (`node.errors.ClientFacingError`)."""
+
+from node.errors import ClientFacingError
 
 
-class EngineError(Exception):
-    """Root of the engine's exceptions."""
+class EngineError(ClientFacingError):
+    """Root of the engine's exceptions: by default the engine failed, a 503 that tells no details."""
+
+    status = 503
+    code = "service_unavailable"
+    internal_message = "The inference engine failed to serve this request."
 
 
 class ModelNotFoundError(EngineError, FileNotFoundError):
@@ -16,13 +23,23 @@ class ModelLoadError(EngineError, RuntimeError):
 class UnknownModelError(EngineError, LookupError):
     """A request named a model (base or adapter) this node does not serve."""
 
+    status = 404
+    code = "model_not_found"
+    param = "model"
+    internal = False
+
     def __init__(self, name: str) -> None:
-        super().__init__(f"the model {name!r} does not exist on this node")
+        super().__init__(f"The model {name!r} does not exist on this node.")
         self.name = name
 
 
 class PromptTooLongError(EngineError, ValueError):
     """Prompt plus requested completion does not fit the context or the KV cache."""
+
+    status = 400
+    code = "context_length_exceeded"
+    param = "prompt"
+    internal = False
 
 
 class EngineStoppedError(EngineError, RuntimeError):
