@@ -9,6 +9,9 @@ snapshots) only work on anvil.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,27 +20,33 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
 from web3 import AsyncWeb3
-from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.types import TxReceipt
 
 from attribution.aggregation import Batch, Tree
 from attribution.artifacts import abi_type, decode_revert, load_artifact
 from attribution.errors import ChainError
+from attribution.fees import FeePolicy
 from attribution.types import Domain
+
+log = logging.getLogger(__name__)
 
 Totals = tuple[list[tuple[str, int]], list[tuple[int, int, int]]]
 
 
 class Chain:
-    """A connection to an EVM JSON-RPC endpoint and a local transaction signer."""
+    """A connection to an EVM JSON-RPC endpoint and a local transaction signer (EIP-1559 fees, stuck
+    transactions replaced with higher fees: `attribution.fees`)."""
 
-    def __init__(self, w3: AsyncWeb3, chain_id: int) -> None:
+    def __init__(self, w3: AsyncWeb3, chain_id: int, fees: FeePolicy | None = None) -> None:
         self.w3 = w3
         self.chain_id = chain_id
+        self.fees = fees or FeePolicy()
+        self.replacements = 0  # transactions sent again with higher fees (for metrics and tests)
         self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
-    async def connect(cls, rpc_url: str, timeout: float = 10.0) -> Chain:
+    async def connect(cls, rpc_url: str, timeout: float = 10.0, fees: FeePolicy | None = None) -> Chain:
         # No web3 retries: the submitter backs off on its own and the node's ledger serves recent values
         # through an outage; retrying inside each read only stalls them (seconds per call).
         provider = AsyncWeb3.AsyncHTTPProvider(
@@ -48,7 +57,7 @@ class Chain:
             chain_id = await w3.eth.chain_id
         except Exception as exc:  # connection refused, DNS, timeouts, bad JSON: one user-facing error
             raise ChainError(f"cannot reach the chain at {rpc_url}: {exc.__class__.__name__}") from exc
-        return cls(w3, chain_id)
+        return cls(w3, chain_id, fees)
 
     async def close(self) -> None:
         await self.w3.provider.disconnect()
@@ -61,8 +70,11 @@ class Chain:
 
     async def transact(self, sender: LocalAccount, fn: Any = None, *, to: str | None = None,
                        data: str | None = None, gas: int | None = None) -> TxReceipt:
-        """Signs and sends a transaction calling `fn` (or raw `to`/`data`), waits for its receipt.
-        A revert at estimation raises `ContractRevert`; a mined failure raises `ChainError`."""
+        """Signs and sends a transaction calling `fn` (or raw `to`/`data`), waits for its receipt, and while
+        it waits unmined past `fees.replace_after`, sends it again with the same nonce and higher fees.
+        A revert at estimation raises `ContractRevert`; a mined failure raises `ChainError`, and so does a
+        transaction still unmined `replace_after` after its fees reached `fees.max_fee_per_gas` (it may
+        still be mined later: whoever sends next from this account waits for it, see the submitter)."""
         if fn is not None:
             to, data = fn.address, fn._encode_transaction_data()
         lock = self._locks.setdefault(sender.address, asyncio.Lock())
@@ -80,13 +92,64 @@ class Chain:
                 gas = estimate + estimate // 5 + 10_000
             tx["gas"] = gas
             tx["nonce"] = await self.w3.eth.get_transaction_count(sender.address, "pending")
-            tx["gasPrice"] = await self.w3.eth.gas_price
-            signed = Account.sign_transaction(tx, sender.key)
-            tx_hash = await self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            receipt = await self.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.02)
+            receipt = await self._send_until_mined(sender, tx)
         if receipt["status"] != 1:
-            raise ChainError(f"transaction {tx_hash.hex()} failed on chain")
+            raise ChainError(f"transaction {receipt['transactionHash'].hex()} failed on chain")
         return receipt
+
+    async def market_fees(self) -> tuple[int, int]:
+        """(maxFeePerGas, maxPriorityFeePerGas) a new transaction would be sent with now."""
+        block = await self.w3.eth.get_block("latest")
+        return self.fees.initial(int(block.get("baseFeePerGas", 0)), int(await self.w3.eth.max_priority_fee))
+
+    async def _send_until_mined(self, sender: LocalAccount, tx: dict[str, Any]) -> TxReceipt:
+        fees: tuple[int, int] | None = await self.market_fees()
+        sent: list[bytes] = []  # every version of this nonce: whichever is mined is the receipt
+        while True:
+            if fees is not None:
+                tx["maxFeePerGas"], tx["maxPriorityFeePerGas"] = fees
+                signed = Account.sign_transaction(tx, sender.key)
+                try:
+                    sent.append(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
+                except Web3RPCError as exc:
+                    if not sent:
+                        raise ChainError(f"transaction rejected: {exc}") from None
+                    # e.g. "nonce too low": a version sent before was mined meanwhile; its receipt follows
+                    log.warning("replacement of nonce %d not accepted: %s", tx["nonce"], exc)
+            receipt = await self._first_receipt(sender.address, tx["nonce"], sent, self.fees.replace_after)
+            if receipt is not None:
+                return receipt
+            if fees is None:
+                raise ChainError(
+                    f"transaction of nonce {tx['nonce']} still unmined at the fee cap "
+                    f"({self.fees.max_fee_per_gas} wei per gas)"
+                )
+            fees = self.fees.bumped(fees, await self.market_fees())
+            if fees is not None:
+                self.replacements += 1
+                log.warning(
+                    "transaction %s unmined after %.0f s: sending it again (nonce %d) at maxFeePerGas %d, tip %d",
+                    sent[-1].hex(), self.fees.replace_after, tx["nonce"], *fees,
+                )  # fmt: skip
+
+    async def _first_receipt(self, sender: str, nonce: int, hashes: list[bytes], timeout: float) -> TxReceipt | None:
+        """The receipt of whichever of `hashes` is mined within `timeout` seconds, else None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for tx_hash in reversed(hashes):
+                try:
+                    return await self.w3.eth.get_transaction_receipt(tx_hash)
+                except TransactionNotFound:
+                    pass
+            if await self.w3.eth.get_transaction_count(sender, "latest") > nonce:
+                # The nonce was used, but by none of ours we saw mined yet: look once more (a race), then fail.
+                for tx_hash in reversed(hashes):
+                    with contextlib.suppress(TransactionNotFound):
+                        return await self.w3.eth.get_transaction_receipt(tx_hash)
+                raise ChainError(f"nonce {nonce} of {sender} was used by a transaction this client did not send")
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     async def deploy(self, sender: LocalAccount, artifact_name: str, *args: Any) -> str:
         artifact = load_artifact(artifact_name)

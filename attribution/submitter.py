@@ -123,6 +123,7 @@ class Submitter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # chain, IPFS, disk: all retried; the journal keeps every record
+                recovered = False  # a group left BATCHED (its commit failed, or is still pending) is recovered first
                 self.stats.chain_errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("submitter: %s; retrying in %.0f s", self.stats.last_error, backoff)

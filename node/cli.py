@@ -31,7 +31,7 @@ SERVE_FLAGS = (
     "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
     "ipfs_timeout", "chain_rpc_url", "deployments", "node_keystore", "node_key_password_file", "node_address",
     "allow_unsigned", "journal_path", "batch_max_records", "batch_interval", "confirmations",
-    "kernel_cache", "kernel_cflags", "force_triton",
+    "tx_replace_after", "tx_fee_bump", "tx_max_fee_gwei", "kernel_cache", "kernel_cflags", "force_triton",
 )  # fmt: skip
 # Secrets (OPENLORA_NODE_KEY_PASSWORD, OPENLORA_NODE_PRIVATE_KEY) are environment-only: a flag would show in `ps`.
 # So is the kernel's C compiler: make's CC, not OPENLORA_CC.

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from attribution.fees import FeePolicy
+
 if TYPE_CHECKING:
     from kernels.config import KernelConfig
 
@@ -125,6 +127,16 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(1000, ge=1, description="commit a batch once this many records wait")
     batch_interval: float = Field(60.0, gt=0, description="commit waiting records at least this often (seconds)")
     confirmations: int = Field(1, ge=0, description="blocks to wait after a commit before trusting it")
+    tx_replace_after: float = Field(
+        60.0, gt=0, description="seconds a commit or finalize may wait unmined before it is sent again with higher fees"
+    )
+    tx_fee_bump: float = Field(
+        0.125,
+        ge=0.10,
+        le=10.0,
+        description="fee increase per replacement, a fraction (0.125: an eighth more; nodes require 0.10)",
+    )
+    tx_max_fee_gwei: float = Field(500.0, gt=0, description="the most the node pays per gas (maxFeePerGas), in gwei")
 
     @field_validator("adapters_dir")
     @classmethod
@@ -167,6 +179,10 @@ class Settings(BaseSettings):
             cc=self.cc,
             force_triton=self.force_triton,
         )
+
+    def fee_policy(self) -> FeePolicy:
+        """How the node prices and re-prices its transactions (attribution.fees)."""
+        return FeePolicy(self.tx_replace_after, self.tx_fee_bump, int(self.tx_max_fee_gwei * 10**9))
 
     @property
     def journal_file(self) -> Path:

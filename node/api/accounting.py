@@ -146,7 +146,7 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
 
     if settings.deployments is None:
         raise ConfigurationError("a chain needs --deployments (the JSON `openlora chain deploy` writes)")
-    chain = await Chain.connect(settings.chain_rpc_url)
+    chain = await Chain.connect(settings.chain_rpc_url, fees=settings.fee_policy())
     try:
         deployments = Deployments.load(settings.deployments)
         contracts = Contracts.attach(chain, deployments)
@@ -312,3 +312,4 @@ async def sample_metrics(app: web.Application) -> None:
     for event, value in (("committed", stats.committed), ("finalized", stats.finalized), ("voided", stats.voided)):
         metrics.batches.labels(event).set(value)
     metrics.chain_errors.set(stats.chain_errors)
+    metrics.tx_replacements.set(accountant.submitter.chain.replacements)

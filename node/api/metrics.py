@@ -73,6 +73,9 @@ class Metrics:
         self.chain_errors = Gauge(
             "openlora_submitter_errors", "Submitter failures (chain, IPFS) since start", registry=r
         )
+        self.tx_replacements = Gauge(
+            "openlora_tx_replacements", "Transactions sent again with higher fees after waiting unmined", registry=r
+        )
         self.commit_lag = Gauge(
             "openlora_commit_lag_seconds", "Age of the oldest record not yet in a batch (0: none waiting)", registry=r
         )

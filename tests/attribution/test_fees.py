@@ -1,0 +1,166 @@
+"""Stuck transactions: a commit not mined within `replace_after` is sent again with the same nonce and higher
+EIP-1559 fees, up to the cap, and the batch is committed exactly once, also across a restart. Real anvil with
+automatic mining off (blocks only when the test mines one), the real submitter, journal and IPFS node."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from web3.exceptions import TransactionNotFound
+
+from attribution.chain import Chain
+from attribution.deploy import Contracts
+from attribution.errors import ChainError
+from attribution.fees import FeePolicy
+from attribution.storage import SqliteJournal, State
+from attribution.storage.entries import Usage
+from attribution.submitter import Submitter
+from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, import_file
+from tests.attribution.helpers import World
+
+
+def test_fee_policy_bounds() -> None:
+    with pytest.raises(ValueError, match="below"):
+        FeePolicy(bump=0.0999)
+    policy = FeePolicy(bump=0.10, max_fee_per_gas=1_100)
+    assert policy.initial(400, 100) == (900, 100)  # room for the base fee to double
+    assert policy.initial(10_000, 100) == (1_100, 100)  # never above the cap
+    assert policy.bumped((1_000, 100), (0, 0)) == (1_100, 110)  # +10% each: the cap itself is allowed
+    assert policy.bumped((1_001, 100), (0, 0)) is None  # would pass the cap
+    assert policy.bumped((900, 0), (0, 0)) == (990, 1)  # a zero tip still rises
+    assert policy.bumped((900, 100), (1_050, 300)) == (1_050, 300)  # the market rose more: follow it
+
+
+@pytest.fixture(scope="module")
+def ipfs(tmp_path_factory: pytest.TempPathFactory):
+    node = LocalIpfsNode(tmp_path_factory.mktemp("ipfs"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+async def manual_mining(world: World) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Automatic mining off for the test (transactions wait in the pool); yields a function that mines a block."""
+    await world.chain.rpc("evm_setAutomine", [False])
+    try:
+        yield lambda: world.chain.rpc("evm_mine")
+    finally:
+        await world.chain.rpc("evm_setAutomine", [True])
+
+
+async def _submitter(world: World, ipfs: LocalIpfsNode, journal: SqliteJournal, tmp: Path, fees: FeePolicy):
+    chain = await Chain.connect(world.chain.w3.provider.endpoint_uri, fees=fees)
+
+    async def publish(path: Path) -> str:
+        dag = await asyncio.to_thread(import_file, path)
+        async with KuboRpcClient(ipfs.api_url) as client:
+            await client.dag_import(dag.car_chunks())
+        return str(dag.root)
+
+    submitter = Submitter(
+        journal=journal, contracts=Contracts.attach(chain, world.deployments), sender=world.node_signer,
+        node=world.node.address, publish=publish, batch_dir=tmp / "batches", max_records=10, interval=1.0,
+        max_commit_delay=300, challenge_window=600,
+    )  # fmt: skip
+    return chain, submitter
+
+
+async def _journal(world: World, path: Path, n: int = 3) -> SqliteJournal:
+    journal = SqliteJournal(path)
+    for _ in range(n):
+        leaf = await world.leaf(world.payer_a)
+        await journal.append(
+            Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+        )
+    return journal
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def _pool_tx(world: World) -> dict:
+    """The node's transaction waiting in the pool."""
+    pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
+    ours = [tx for tx in pending["transactions"] if tx["from"] == world.node_signer.address]
+    assert len(ours) == 1, ours
+    return ours[0]
+
+
+async def _commit_logs(world: World) -> list:
+    event = world.c.settlement.contract.events.BatchCommitted
+    return await event.get_logs(from_block=0, argument_filters={"node": world.node.address})
+
+
+async def _commits(world: World) -> int:
+    return len(await _commit_logs(world))
+
+
+async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
+    world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
+) -> None:
+    journal = await _journal(world, tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy(replace_after=0.5, bump=0.2))
+    eth = world.chain.w3.eth
+    try:
+        committing = asyncio.create_task(submitter.commit_next())
+
+        async def sent() -> bool:
+            return await eth.get_transaction_count(
+                world.node_signer.address, "pending"
+            ) > await eth.get_transaction_count(world.node_signer.address, "latest")
+
+        async def replaced_twice() -> bool:  # waited twice past replace_after
+            return chain.replacements >= 2
+
+        await _until(sent)
+        first = await _pool_tx(world)
+        await _until(replaced_twice)
+        await manual_mining()
+        await asyncio.wait_for(committing, 30)
+        (commit,) = await _commit_logs(world)
+        mined = await eth.get_transaction(commit["transactionHash"])
+        assert mined["nonce"] == first["nonce"] and mined["hash"] != first["hash"]
+        assert mined["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2  # bumped twice by 20%
+        assert mined["maxPriorityFeePerGas"] > first["maxPriorityFeePerGas"]
+        with pytest.raises(TransactionNotFound):
+            await eth.get_transaction_receipt(first["hash"])  # the stuck version was replaced, never mined
+        assert (await journal.depth())[State.COMMITTED] == 3
+        assert await _commits(world) == 1
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_at_the_fee_cap_it_gives_up_and_a_restart_commits_nothing_twice(
+    world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
+) -> None:
+    journal = await _journal(world, tmp_path / "journal.sqlite")
+    market, _ = await world.chain.market_fees()
+    capped = FeePolicy(replace_after=0.3, max_fee_per_gas=market)  # no room for a replacement
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, capped)
+    try:
+        with pytest.raises(ChainError, match="still unmined at the fee cap"):
+            await submitter.commit_next()
+        assert chain.replacements == 0 and (await _pool_tx(world))["maxFeePerGas"] <= market
+        assert (await journal.depth())[State.BATCHED] == 3  # sent, fate unknown: the journal says so
+        await chain.close()
+        # A restart: the new submitter's recovery waits for the pending commit, then finds it on chain.
+        chain, restarted = await _submitter(world, ipfs, journal, tmp_path, capped)
+        recovering = asyncio.create_task(restarted.recover())
+        await asyncio.sleep(0.5)
+        assert not recovering.done()  # not committing blind while a commit is pending
+        await manual_mining()
+        await asyncio.wait_for(recovering, 30)
+        assert (await journal.depth())[State.COMMITTED] == 3
+        assert await _commits(world) == 1
+    finally:
+        await journal.close()
+        await chain.close()
