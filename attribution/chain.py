@@ -30,6 +30,8 @@ from attribution.fees import FeePolicy
 from attribution.types import Domain
 
 log = logging.getLogger(__name__)
+# How long a receipt may lag behind the nonce it used before the nonce counts as taken by someone else.
+_RECEIPT_GRACE_S = 5.0
 
 Totals = tuple[list[tuple[str, int]], list[tuple[int, int, int]]]
 
@@ -142,11 +144,19 @@ class Chain:
                 except TransactionNotFound:
                     pass
             if await self.w3.eth.get_transaction_count(sender, "latest") > nonce:
-                # The nonce was used, but by none of ours we saw mined yet: look once more (a race), then fail.
-                for tx_hash in reversed(hashes):
-                    with contextlib.suppress(TransactionNotFound):
-                        return await self.w3.eth.get_transaction_receipt(tx_hash)
-                raise ChainError(f"nonce {nonce} of {sender} was used by a transaction this client did not send")
+                # The nonce was used, but by none of ours we saw mined yet. A node may report the new
+                # nonce before it serves the receipt (anvil did, in the default suite): look again for
+                # a short while, then fail.
+                grace = time.monotonic() + _RECEIPT_GRACE_S
+                while True:
+                    for tx_hash in reversed(hashes):
+                        with contextlib.suppress(TransactionNotFound):
+                            return await self.w3.eth.get_transaction_receipt(tx_hash)
+                    if time.monotonic() >= grace:
+                        raise ChainError(
+                            f"nonce {nonce} of {sender} was used by a transaction this client did not send"
+                        )
+                    await asyncio.sleep(0.1)
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.05)

@@ -164,3 +164,33 @@ async def test_at_the_fee_cap_it_gives_up_and_a_restart_commits_nothing_twice(
     finally:
         await journal.close()
         await chain.close()
+
+
+async def test_a_nonce_taken_by_another_sender_with_the_key_is_an_error(world: World, manual_mining) -> None:
+    """Another process with the node's key replaces our pending transaction (same nonce, higher fees):
+    once that one is mined, ours never will be, and `transact` says so instead of waiting for it."""
+    url = world.chain.w3.provider.endpoint_uri
+    chain = await Chain.connect(url, fees=FeePolicy(replace_after=60))
+    eth = world.chain.w3.eth
+    me = world.node_signer.address
+    try:
+        ours = asyncio.create_task(chain.transact(world.node_signer, to=world.payer_a.address, data="0x"))
+
+        async def sent() -> bool:
+            return await eth.get_transaction_count(me, "pending") > await eth.get_transaction_count(me, "latest")
+
+        await _until(sent)
+        tx = await _pool_tx(world)
+        foreign = {
+            "from": me, "to": world.payer_b.address, "value": 1, "gas": 21_000, "nonce": tx["nonce"],
+            "chainId": chain.chain_id, "maxFeePerGas": tx["maxFeePerGas"] * 2,
+            "maxPriorityFeePerGas": tx["maxPriorityFeePerGas"] * 2 + 1,
+        }  # fmt: skip
+        await eth.send_raw_transaction(world.node_signer.sign_transaction(foreign).raw_transaction)
+        await manual_mining()
+        with pytest.raises(ChainError, match="did not send"):
+            await asyncio.wait_for(ours, 30)
+        with pytest.raises(TransactionNotFound):
+            await eth.get_transaction_receipt(tx["hash"])
+    finally:
+        await chain.close()
