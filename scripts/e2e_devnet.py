@@ -9,7 +9,7 @@ finalized batch on chain (none lost, none doubled), every contributor's claimabl
 received records and the registry's splits say to the wei, and the auditor, from the chain and IPFS alone,
 finds nothing. Last line: `RESULT requests=<n> settled=<n> lost=0 doubled=0 audit=clean`.
 
-    .venv/bin/python scripts/e2e_devnet.py [--quick] [--requests N] [--model DIR]
+    .venv/bin/python scripts/e2e_devnet.py [--quick] [--requests N] [--model DIR] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ async def send_all(url: str, key: str, model_dir: Path, models: list[str], n: in
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def run(requests: int, model: str | None, max_tokens: int) -> dict:
-    settings = Settings(port=0, model=model, max_loras=4)
+async def run(requests: int, model: str | None, max_tokens: int, **node_settings) -> dict:
+    settings = Settings(port=0, model=model, max_loras=4, **node_settings)
     model_dir = prepare_model(settings, progress=False)
     settings = settings.model_copy(update={"model": str(model_dir)})
     with tempfile.TemporaryDirectory(prefix="openlora-e2e-") as tmp:
@@ -75,29 +75,35 @@ async def run(requests: int, model: str | None, max_tokens: int) -> dict:
         async with local_network(
             settings, work / "devnet", ipfs_repo=work / "ipfs", batch_interval=2.0, batch_max_records=16
         ) as net:
-            accountant = net.app[ACCOUNTANT]
-            journal, submitter = accountant.journal, accountant.submitter
-            models = [*net.provisioned.adapters, accountant_model(net)]
-            key = net.provisioned.payer_key.read_text().strip()
-            started = time.perf_counter()
-            answers = await send_all(net.url, key, model_dir, models, requests, work / "caps.json", max_tokens)
-            served_s = time.perf_counter() - started
+            return await pay_and_settle(net, requests, max_tokens, work / "caps.json")
 
-            async def all_committed() -> bool:
-                depth = await journal.depth()
-                return depth[State.RECORDED] == depth[State.BATCHED] == 0
 
-            await wait_for(all_committed, 120, "every record to be committed")
-            chain = submitter.chain
-            await chain.increase_time(DEVNET_CONFIG["challenge_window"] + 1)
+async def pay_and_settle(net, requests: int, max_tokens: int, caps: Path) -> dict:
+    """Paid requests through `net`'s node, then commit, finalize and distribute, checked independently
+    (see settle_and_check). The node must commit often (a short batch interval)."""
+    accountant = net.app[ACCOUNTANT]
+    journal, submitter = accountant.journal, accountant.submitter
+    models = [*net.provisioned.adapters, accountant_model(net)]
+    key = net.provisioned.payer_key.read_text().strip()
+    started = time.perf_counter()
+    answers = await send_all(net.url, key, Path(net.settings.model), models, requests, caps, max_tokens)
+    served_s = time.perf_counter() - started
 
-            async def all_finalized() -> bool:
-                depth = await journal.depth()
-                return depth[State.COMMITTED] == 0
+    async def all_committed() -> bool:
+        depth = await journal.depth()
+        return depth[State.RECORDED] == depth[State.BATCHED] == 0
 
-            await wait_for(all_finalized, 120, "every batch to be finalized")
-            contracts = Contracts.attach(chain, Deployments.load(net.provisioned.deployments))
-            return await settle_and_check(net, contracts, answers, served_s)
+    await wait_for(all_committed, 120, "every record to be committed")
+    chain = submitter.chain
+    await chain.increase_time(DEVNET_CONFIG["challenge_window"] + 1)
+
+    async def all_finalized() -> bool:
+        depth = await journal.depth()
+        return depth[State.COMMITTED] == 0
+
+    await wait_for(all_finalized, 120, "every batch to be finalized")
+    contracts = Contracts.attach(chain, Deployments.load(net.provisioned.deployments))
+    return await settle_and_check(net, contracts, answers, served_s)
 
 
 def accountant_model(net) -> str:
@@ -174,9 +180,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--model", default=None, help="a local HF model dir (default: the bundled SmolLM2)")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--engine", choices=["openlora", "vllm"], default="openlora", help="the node's engine")
+    parser.add_argument("--vllm-python", type=Path, default=None, help="with --engine vllm: its environment's Python")
     args = parser.parse_args()
     n = args.requests or (12 if args.quick else 50)
-    result = asyncio.run(run(n, args.model, args.max_tokens))
+    result = asyncio.run(run(n, args.model, args.max_tokens, engine=args.engine, vllm_python=args.vllm_python))
     print(f"{'requests':>10} {'settled':>8} {'batches':>8} {'lost':>5} {'doubled':>8} {'contributors':>13} "
           f"{'charged (OPEN)':>15} {'served in':>10}")  # fmt: skip
     print(f"{result['requests']:>10} {result['settled']:>8} {result['batches']:>8} {result['lost']:>5} "

@@ -48,9 +48,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["bogus"], ["serve", "--no-such-flag"], ["model"], ["serve", "--port"]], ids=repr
-)
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["serve", "--no-such-flag"], ["model"], ["serve", "--port"]], ids=repr)
 def test_usage_errors_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -71,12 +69,30 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys):
         (["serve", "--ipfs-gateway", "http://127.0.0.1:8080", "--ipfs-gateway", "ftp://x"], "'ftp://x' is not"),
         (["serve", "--ipfs-api-url", "127.0.0.1:5001"], "IPFS API '127.0.0.1:5001' is not an http(s) URL"),
         (["model", "prepare", "--model", "/no/such/model"], "does not exist"),
+        (["serve", "--engine", "tgi"], "--engine: Input should be 'openlora' or 'vllm'"),
+        (["serve", "--engine-url", "http://10.1.2.3:8000"], "is not on the loopback interface"),
+        (["serve", "--engine-url", "127.0.0.1:8000"], "engine URL '127.0.0.1:8000' is not an http(s) URL"),
     ],
 )
 def test_bad_values_exit_1_with_one_line(argv, message, capsys):
     assert main(argv) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith("openlora: error: ") and message in line
+
+
+def test_vllm_without_its_python_is_one_line(tiny_model_dir, tmp_path, capsys):
+    argv = ["serve", "--model", str(tiny_model_dir), "--port", "0", "--cache-dir", str(tmp_path), "--engine", "vllm",
+            "--vllm-python", str(tmp_path / "no-python")]  # fmt: skip
+    assert main(argv) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line == f"openlora: error: --vllm-python {tmp_path / 'no-python'} does not exist"
+
+
+def test_engine_args_repeat_and_keep_their_dashes():
+    from node.cli import SERVE_FLAGS, _settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--engine-arg=--enforce-eager", "--engine-arg", "--max-loras 4"])
+    assert _settings(args, SERVE_FLAGS).engine_args == ["--enforce-eager", "--max-loras 4"]
 
 
 def test_flags_override_env_which_overrides_defaults(monkeypatch, capsys):

@@ -122,22 +122,73 @@ def env_name(name: str, field: FieldInfo) -> str:
     return f"OPENLORA_{name.upper()}"
 
 
-def test_compose_passes_every_node_setting_through(docker_compose: Path):
+def config_json(binary: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run(
+        [binary, "-f", ROOT / "docker-compose.yml", *args, "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(("service", "profile"), [("node", []), ("node-vllm", ["--profile", "vllm"])])
+def test_compose_passes_every_node_setting_through(docker_compose: Path, service: str, profile: list[str]):
     """Every setting an operator may change reaches the node: set each OPENLORA_* variable in the shell
     and it must come out of `docker compose config` in the node's environment."""
     from node.config import Settings
 
     names = {env_name(name, field): f"value-of-{name}" for name, field in Settings.model_fields.items()}
-    result = subprocess.run(
-        [docker_compose, "-f", ROOT / "docker-compose.yml", "config", "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **names},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    env = json.loads(result.stdout)["services"]["node"]["environment"]
-    fixed = {env_name(name, Settings.model_fields[name]) for name in FIXED_BY_THE_IMAGE}
+    env = config_json(docker_compose, *profile, env={**os.environ, **names})["services"][service]["environment"]
+    fixed_here = FIXED_BY_THE_IMAGE | ({"engine", "engine_url"} if service == "node-vllm" else set())
+    fixed = {env_name(name, Settings.model_fields[name]) for name in fixed_here}
     missing = sorted(name for name, value in names.items() if env.get(name) != value and name not in fixed)
     assert missing == []
     assert json.loads(env["OPENLORA_IPFS_GATEWAYS"]) == ["http://ipfs:8080"]  # not overridable by the shell
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert all(f"OPENLORA_{n.upper()}=" in dockerfile for n in ("host", "port", "cache_dir"))
     assert "Gateway.NoFetch" in (ROOT / "docker-compose.yml").read_text()  # the bogus-CID wait is documented
+
+
+def test_compose_vllm_profile(docker_compose: Path):
+    """`--profile vllm`: the node with vLLM as its engine, vLLM on the GPUs and on loopback only."""
+    from node.config import Settings
+
+    services = config_json(docker_compose, "--profile", "vllm", env={"PATH": "/usr/bin:/bin"})["services"]
+    assert set(services) == {"node", "ipfs", "chain", "deployer", "vllm", "node-vllm"}
+    vllm, node = services["vllm"], services["node-vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:v")
+    gpus = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]  # count: all
+    command = " ".join(vllm["command"])
+    assert "--host 127.0.0.1 --port 8001" in command and "--enable-lora" in command
+    assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert [p["target"] for p in vllm["ports"]] == [8000]  # the node's port; vLLM's 8001 is not published
+    # The node lives in vLLM's network namespace: their loopback interface is shared, nothing else reaches vLLM.
+    assert node["network_mode"] == "service:vllm" and "ports" not in node
+    env = node["environment"]
+    assert env["OPENLORA_ENGINE"] == "vllm"
+    assert Settings(engine_url=env["OPENLORA_ENGINE_URL"]).engine_url.endswith(":8001")  # passes the loopback rule
+    assert env["OPENLORA_ENGINE_API_KEY"] == vllm["environment"]["VLLM_API_KEY"]
+    assert node["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "healthcheck" in vllm and "/health" in " ".join(vllm["healthcheck"]["test"])
+    # vLLM reads the adapters the node verified from the cache volume, at the path the node wrote them.
+    cache = "/home/openlora/.cache/openlora"
+    assert {v["source"] for v in vllm["volumes"] if v["target"] == cache} == {
+        v["source"] for v in node["volumes"] if v["target"] == cache
+    }
+    assert [v.get("read_only") for v in vllm["volumes"]] == [True, True]
+    assert "OPENLORA_CHAIN_RPC_URL" in env and env["OPENLORA_IPFS_API_URL"] == "http://ipfs:5001"
+
+
+def test_compose_vllm_profile_takes_the_operators_model_and_key(docker_compose: Path):
+    env = {"PATH": "/usr/bin:/bin", "OPENLORA_MODEL": "/models/llama-70b", "OPENLORA_ENGINE_API_KEY": "s3cret",
+           "VLLM_TENSOR_PARALLEL_SIZE": "8", "OPENLORA_VLLM_ARGS": "--enforce-eager --max-num-seqs 64"}  # fmt: skip
+    services = config_json(docker_compose, "--profile", "vllm", env=env)["services"]
+    command = services["vllm"]["command"]
+    assert (
+        command[0] == "/models/llama-70b"
+        and services["node-vllm"]["environment"]["OPENLORA_MODEL"] == "/models/llama-70b"
+    )
+    assert " ".join(command).endswith("--tensor-parallel-size 8 --enforce-eager --max-num-seqs 64")
+    assert services["vllm"]["environment"]["VLLM_API_KEY"] == "s3cret"
+    assert services["node-vllm"]["environment"]["OPENLORA_ENGINE_API_KEY"] == "s3cret"

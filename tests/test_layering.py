@@ -21,11 +21,12 @@ def _loaded_after(module: str) -> set[str]:
     return set(json.loads(out))
 
 
-def test_the_engine_loads_no_adapter_source():
-    loaded = _loaded_after("node.engine")
-    assert "node.engine.async_engine" in loaded  # the import did load the engine
+@pytest.mark.parametrize(("module", "engine"), [("node.engine", "AsyncEngine"), ("node.vllm.engine", "VllmEngine")])
+def test_the_engines_load_no_adapter_source(module, engine):
+    loaded = _loaded_after(module)
+    assert module in loaded  # the import did load the engine
     adapters = {m for m in loaded if m == "node.adapters" or m.startswith("node.adapters.")}
-    assert adapters <= ENGINE_MAY_IMPORT, f"node.engine loads adapter sources: {sorted(adapters - ENGINE_MAY_IMPORT)}"
+    assert adapters <= ENGINE_MAY_IMPORT, f"{engine} loads adapter sources: {sorted(adapters - ENGINE_MAY_IMPORT)}"
 
 
 @pytest.mark.parametrize("module", ["node.adapters.factory", "node.adapters.manager", "node.adapters.ipfs_source"])

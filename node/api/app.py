@@ -21,7 +21,7 @@ from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
 from node.config import Settings
-from node.engine import AsyncEngine
+from node.engine import AsyncEngine, Engine
 from node.engine.prepare import served_base_shape
 from node.engine.types import GenerationRequest, SamplingParams
 from node.threads import run_in_fresh_thread
@@ -120,10 +120,18 @@ async def _adapters(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
-    """Load the model (blocking, so in an executor), run the engine for the app's lifetime."""
-    loop = asyncio.get_running_loop()
+    """Our engine (the model loaded in an executor: it blocks) or vLLM's server (`--engine vllm`: started
+    and supervised, or reached at `--engine-url`), handed the adapter manager; run for the app's lifetime."""
+    settings = app[SETTINGS]
     adapters = app.get(ADAPTERS)
-    engine = await loop.run_in_executor(None, functools.partial(AsyncEngine.load, app[SETTINGS], adapters=adapters))
+    engine: Engine
+    if settings.engine == "vllm":
+        from node.vllm.engine import VllmEngine  # its client and process supervision only where it is used
+
+        engine = await VllmEngine.open(settings, adapters)
+    else:
+        load = functools.partial(AsyncEngine.load, settings, adapters=adapters)
+        engine = await asyncio.get_running_loop().run_in_executor(None, load)
     await engine.start()
     app[ENGINE] = engine
     app[METRICS].watch_adapters(lambda: _adapter_stats(app))
@@ -150,7 +158,7 @@ def _adapter_stats(app: web.Application) -> dict:
     }
 
 
-async def _warm_up(engine: AsyncEngine) -> float:
+async def _warm_up(engine: Engine) -> float:
     """One short greedy generation before the node serves (so before /health can say ok): the first
     forward passes pay one-time costs (oneDNN primitives, the OpenMP pool, first-touch memory), which
     made the first real request after start take 5-9 s with SmolLM2. Returns the seconds it took."""

@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from node.adapters.ipfs.supervisor import NodeSupervisor  # noqa: F401
     from node.adapters.manager import AdapterManager  # noqa: F401
     from node.api.metrics import Metrics  # noqa: F401
-    from node.engine import AsyncEngine  # noqa: F401
+    from node.engine import Engine  # noqa: F401
 
 SETTINGS = web.AppKey("settings", Settings)
-ENGINE = web.AppKey["AsyncEngine"]("engine")
+ENGINE = web.AppKey["Engine"]("engine")  # our engine or vLLM's (--engine)
 ADAPTERS = web.AppKey["AdapterManager"]("adapters")  # absent on a node with no adapter source (base model only)
 METRICS = web.AppKey["Metrics"]("metrics")
 OPENAPI = web.AppKey("openapi", dict)

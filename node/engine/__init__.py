@@ -8,10 +8,11 @@ from node.engine.errors import (
     PromptTooLongError,
     UnknownModelError,
 )
-from node.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
+from node.engine.types import Engine, FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 
 __all__ = [
     "AsyncEngine",
+    "Engine",
     "EngineError",
     "EngineStoppedError",
     "FinishReason",

@@ -93,9 +93,12 @@ class AsyncEngine:
     def lora_stats(self) -> dict[str, int]:
         """Adapters in device slots now, and device loads since start (for /metrics)."""
         pool = self.runner.lora_pool
-        if pool is None:
-            return {"device": 0, "device_loads": 0}
-        return {"device": len(pool.resident()), "device_loads": pool.loads}
+        return {"device": len(self.held_adapters()), "device_loads": pool.loads if pool is not None else 0}
+
+    def held_adapters(self) -> list[str]:
+        """The adapters in device slots now, least recently used first."""
+        pool = self.runner.lora_pool
+        return pool.resident() if pool is not None else []
 
     @property
     def healthy(self) -> bool:
@@ -132,7 +135,7 @@ class AsyncEngine:
         """Stream a request's outputs. Leaving early (break, cancel, aclose) aborts it."""
         self.check(request)
         if not self.healthy:
-            raise EngineStoppedError("the engine is not running")
+            raise EngineStoppedError("The inference engine is not running.")
         lora = None
         if request.adapter is not None:
             try:
@@ -151,7 +154,7 @@ class AsyncEngine:
                 if out.finished:
                     finished = True
                     if self.runner.error is not None:
-                        raise EngineStoppedError("the engine stopped while serving this request")
+                        raise EngineStoppedError("The inference engine stopped while serving this request.")
                 yield out
                 if finished:
                     return

@@ -43,4 +43,8 @@ class PromptTooLongError(EngineError, ValueError):
 
 
 class EngineStoppedError(EngineError, RuntimeError):
-    """The engine is not running (stopped, or its thread died)."""
+    """The engine is not running (stopped, its thread died, or vLLM's server is down or being restarted):
+    a 503 the client may retry, with nothing charged."""
+
+    code = "engine_unavailable"
+    internal = False

@@ -7,8 +7,9 @@ types and `AsyncEngine.generate`; nothing above it touches torch.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from node.adapters.peft_format import BaseModelShape, LoraAdapter
@@ -73,4 +74,44 @@ class AdapterProvider(Protocol):
 
     def release(self, adapter: LoraAdapter) -> None:
         """The engine is done with one `acquire`'s adapter."""
+        ...
+
+
+class Engine(Protocol):
+    """What the API serves through: our engine (`node.engine.AsyncEngine`) or vLLM's server
+    (`node.vllm.engine.VllmEngine`), chosen by `--engine`.
+
+    The API tokenizes (chat template included) with `tokenizer` and submits token ids; a request
+    names its adapter by the node's name for it, and the engine gets it verified and validated from
+    the `AdapterProvider` it was handed. `generate` streams the text and the token counts the usage
+    record is priced on; leaving the stream early (aclose, cancel) aborts the request."""
+
+    model_name: str  # the base model's name in /v1/models
+    max_model_len: int  # prompt + completion tokens, at most
+    tokenizer: Any  # a transformers tokenizer of the base model
+
+    @property
+    def healthy(self) -> bool:
+        """It can serve now (False: /health says engine_stopped and requests get 503)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """The request's outputs as they come; the last one has a finish reason."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """running, waiting, kv_blocks_used, kv_blocks_total, kv_blocks_cached, prefix_cache_hit_tokens,
+        prefix_cache_miss_tokens."""
+        ...
+
+    def held_adapters(self) -> list[str]:
+        """The adapters in the engine's compute slots now, by the node's names."""
+        ...
+
+    def lora_stats(self) -> dict[str, int]:
+        """device (adapters held now) and device_loads (since start), for /metrics."""
         ...

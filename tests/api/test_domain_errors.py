@@ -11,11 +11,15 @@ from aiohttp import web
 
 import node.adapters.errors
 import node.engine.errors
+import node.vllm.client
+import node.vllm.environment
+import node.vllm.server
 from node.api.errors import error_middleware
 from node.api.server import start_server
 from node.errors import ClientFacingError
 
-assert node.adapters.errors and node.engine.errors  # imported for their subclasses
+assert node.adapters.errors and node.engine.errors and node.vllm.client  # imported for their subclasses
+assert node.vllm.environment and node.vllm.server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -36,7 +40,8 @@ DETAIL = "a detail only the node should see"
 async def test_every_domain_error_is_found() -> None:
     names = {cls.__name__ for cls in ERRORS}
     assert {"PromptTooLongError", "UnknownModelError", "EngineStoppedError", "InvalidAdapterError",
-            "AdapterUnavailableError", "AdapterNotFoundError", "EngineError", "AdapterError"} <= names  # fmt: skip
+            "AdapterUnavailableError", "AdapterNotFoundError", "EngineError", "AdapterError", "VllmError",
+            "VllmUnreachableError", "VllmStartError", "VllmEnvironmentError"} <= names  # fmt: skip
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
