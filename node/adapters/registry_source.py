@@ -5,6 +5,11 @@ A request names a registered adapter by its registry name (`sql-expert`, which i
 new version registered under a new CID) or by its id (`adapter:7`). The registry is read through a short
 TTL cache (`attribution.ledger.ChainLedger`): a name moved on chain is followed within the TTL. The
 resolved CID is the adapter's identity, so a name and its CID share one download, one load and one slot.
+
+The contract takes any string as a CID, so one content may be registered under several spellings (CIDv0,
+an `ipfs://` URL, CIDv1 base32) by different owners. The node bills a content by the id registered under its
+canonical CID (`attribution.accounting`), so an adapter registered under another spelling is refused here
+(400 adapter_invalid): its name would otherwise be served and billed as whoever registered the canonical one.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from attribution.errors import ChainError
-from node.adapters.errors import AdapterUnavailableError
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
 from node.adapters.ipfs_source import IpfsAdapterSource, parse_adapter_cid
 from node.adapters.sources import AdapterSource
 
@@ -64,8 +69,17 @@ class RegistryAdapterSource(AdapterSource):
             return None
         canonical = parse_adapter_cid(cid)
         if canonical is None:
-            raise AdapterUnavailableError(
-                f"the registry's adapter {adapter_id} has no CID this node can fetch: {cid!r}"
+            raise InvalidAdapterError(
+                f"adapter {adapter_id} is registered under {_shown(cid)}, which is no CID this node can fetch",
+                "registry_cid",
+            )
+        if canonical != cid:
+            # The node bills an adapter's content as the id registered under its canonical CID (the same one a
+            # request naming the CID gets); another spelling of that CID may be registered to someone else.
+            raise InvalidAdapterError(
+                f"adapter {adapter_id} is registered under {_shown(cid)}, not under its canonical CID {canonical}; "
+                "this node serves and bills registered adapters by their canonical CID only",
+                "registry_cid",
             )
         return canonical
 
@@ -77,6 +91,11 @@ class RegistryAdapterSource(AdapterSource):
 
     def refused(self, key: str) -> None:
         self.ipfs.refused(key)
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """`text` quoted for a message, cut to `limit` characters (a registered CID is any string its owner chose)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _adapter_id(name: str) -> int | None:

@@ -308,3 +308,42 @@ async def test_registry_names_and_ids_resolve_on_chain(net: LocalNetwork, tmp_pa
         assert (status, answer["error"]["code"]) == (404, "model_not_found")
     finally:
         await chain.close()
+
+
+async def test_a_registry_name_never_bills_another_adapter_of_the_same_content(net: LocalNetwork, tmp_path) -> None:
+    """The contract takes any spelling of a CID, the node bills by the canonical one (CIDv1 base32). An adapter
+    registered under another spelling (Kubo's CIDv0 `Qm...`, an `ipfs://` URL) while someone else registers the
+    canonical spelling of the same content must not have its name or id served and billed to that other
+    adapter: the node refuses it, clearly, and charges nothing."""
+    owner, squatter = (Account.from_key(k) for k in net.anvil.private_keys[5:7])
+    chain = await Chain.connect(net.anvil.rpc_url)
+    try:
+        adapters = Contracts.attach(chain, Deployments.load(net.provisioned.deployments)).adapters
+        directory = tmp_path / "spelled"
+        await asyncio.to_thread(make_random_adapter, Path(net.settings.model), directory, seed=31)
+        async with KuboRpcClient(net.ipfs.api_url) as client:
+            root = await client.publish(await asyncio.to_thread(import_directory, directory))
+        canonical, kubo_v0 = str(root), str(root.set(version=0, base="base58btc"))
+        assert kubo_v0.startswith("Qm")
+        ids = {}
+        for name, spelling in (("spelled-v0", kubo_v0), ("spelled-url", f"ipfs://{canonical}")):
+            ids[name] = await adapters.register(owner, spelling, bytes(32), 1, 1, [owner.address], [10_000])
+            await adapters.set_name(owner, name, ids[name])
+        stolen = await adapters.register(squatter, canonical, bytes(32), 10**9, 10**9, [squatter.address], [10_000])
+        before = await paid_entries(net)
+        for name, adapter_id in ids.items():
+            for model in (name, f"adapter:{adapter_id}"):
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"{net.url}/v1/models/{model}") as response:
+                        status, card = response.status, await response.json()
+                assert card.get("adapterId") != str(stolen), (model, card)
+                assert (status, card["error"]["code"], card["error"]["param"]) == (400, "adapter_invalid", "model")
+                assert f"adapter {adapter_id} is registered under" in card["error"]["message"]
+                assert canonical in card["error"]["message"], card
+                for signed_id in (adapter_id, stolen):
+                    payload, headers = await signed(net, body(net, model=model), adapter_id=signed_id)
+                    status, answer = await post(net, payload, headers)
+                    assert (status, answer["error"]["code"]) == (400, "adapter_invalid"), (model, signed_id, answer)
+        assert await paid_entries(net) == before
+    finally:
+        await chain.close()
