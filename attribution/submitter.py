@@ -17,7 +17,9 @@ One loop per node (`run`). Each pass:
 Restart safety: a BATCHED group may or may not have reached the chain when the node died. `recover` first
 waits for the sender's pending transactions to be mined, then looks for the group's payer root among this
 node's `BatchCommitted` events: found, the group is COMMITTED; not found, it is committed again (the same
-leaves, so the same root). A record is therefore committed exactly once and never lost. Chain and IPFS
+leaves, so the same root), less any record whose commit deadline has passed meanwhile: those are REFUNDED
+and the rest go back to RECORDED for the next batch (a late commit is fraud, whoever's fault the delay was).
+A record is therefore committed exactly once, in time, or refunded; never lost. Chain and IPFS
 failures are retried with exponential backoff (1 s doubling to 60 s); serving goes on meanwhile.
 
 The protocol has no interactive challenge for the node to answer: a fraud proof either succeeds (the node
@@ -145,17 +147,30 @@ class Submitter:
     def _commit_by(self, entry: Entry) -> int:
         return entry.usage.request.deadline + self.max_commit_delay
 
+    def _late(self, entry: Entry) -> bool:
+        """Whether `entry` must no longer be committed: its commit deadline is within `margin` (a commit
+        mined after it is fraud: the batch voided, the node slashed)."""
+        return self._commit_by(entry) <= int(self.clock()) + self.margin
+
     async def refund_expired(self) -> None:
         now = int(self.clock())
         expired = [
             e for e in await self.journal.due(now - self.max_commit_delay + self.margin) if e.state is State.RECORDED
         ]
-        if expired:
-            await self.journal.transition([e.usage.digest for e in expired], State.REFUNDED)
-            self.stats.refunded_records += len(expired)
-            log.warning(
-                "submitter: %d records missed their commit deadline and were dropped (not charged)", len(expired)
-            )
+        await self._refund(expired)
+
+    async def _refund(self, late: list[Entry]) -> None:
+        if late:
+            await self.journal.transition([e.usage.digest for e in late], State.REFUNDED)
+            self.stats.refunded_records += len(late)
+            log.warning("submitter: %d records missed their commit deadline and were dropped (not charged)", len(late))
+
+    async def _committable(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` less the late ones, which are REFUNDED: checked right before each commit is built, since
+        the commit before it may have taken long (fee bumping) and a group may wait BATCHED across a restart."""
+        late = [e for e in entries if self._late(e)]
+        await self._refund(late)
+        return [e for e in entries if e not in late]
 
     async def _batch_due(self) -> bool:
         waiting = await self.journal.in_state(State.RECORDED, limit=self.max_records)
@@ -199,7 +214,7 @@ class Submitter:
         # A record served "after" the chain's clock would read as served after its commit (a node clock
         # running ahead of the block producers'): such records wait for the chain to catch up.
         chain_now = (await self.chain.w3.eth.get_block("pending"))["timestamp"]
-        entries = [e for e in entries if e.usage.record.served_at <= chain_now]
+        entries = await self._committable([e for e in entries if e.usage.record.served_at <= chain_now])
         if not entries:
             await asyncio.sleep(1.0)
             return
@@ -265,8 +280,12 @@ class Submitter:
                 if entries[0].state is State.BATCHED:
                     await self.journal.transition_batch(number, State.COMMITTED)
             elif entries[0].state is State.BATCHED:
-                log.info("submitter: batch %d never reached the chain; committing it now", number)
-                await self._commit(number, entries)
+                fresh = await self._committable(entries)
+                if len(fresh) == len(entries):
+                    log.info("submitter: batch %d never reached the chain; committing it now", number)
+                    await self._commit(number, entries)
+                elif fresh:  # back in the queue, batched anew (the refunded ones keep this batch number)
+                    await self.journal.transition([e.usage.digest for e in fresh], State.RECORDED)
             else:
                 raise AttributionError(f"journal batch {number} is COMMITTED but the chain has no such commit")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from web3.exceptions import TransactionNotFound
 
+from attribution.aggregation import BatchLeaf, build_batch
 from attribution.chain import Chain
 from attribution.deploy import Contracts
 from attribution.errors import ChainError
@@ -193,4 +194,93 @@ async def test_a_nonce_taken_by_another_sender_with_the_key_is_an_error(world: W
         with pytest.raises(TransactionNotFound):
             await eth.get_transaction_receipt(tx["hash"])
     finally:
+        await chain.close()
+
+
+async def _late_and_fresh(world: World, path: Path) -> tuple[SqliteJournal, list[Usage], list[Usage], int]:
+    """A journal holding one record already past its commit deadline (`deadline + maxCommitDelay`: the node was
+    down, or its commit stuck, for longer than that) and two fresh ones; and the chain's time now. A commit of
+    the late one now is fraud (OutsideDeadline: the batch is voided, the node slashed)."""
+    await world.chain.increase_time(1_000)
+    now = await world.chain.timestamp()
+    journal = SqliteJournal(path)
+    late, fresh = [], []
+    for served_at, into in ((now - 650, late), (now - 1, fresh), (now - 1, fresh)):  # deadline = served_at + 300
+        leaf = await world.leaf(world.payer_a, served_at=served_at)
+        usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+        await journal.append(usage)
+        into.append(usage)
+    return journal, late, fresh, now
+
+
+def _root(usages: list[Usage]) -> bytes:
+    leaves = [BatchLeaf(u.request, u.request_signature, u.record, u.record_signature) for u in usages]
+    return build_batch(leaves).payer_tree.root.hash
+
+
+async def _committed_roots(world: World) -> list[bytes]:
+    return [bytes(log["args"]["payerRoot"]) for log in await _commit_logs(world)]
+
+
+async def test_recovery_never_commits_a_record_past_its_commit_deadline(
+    world: World, ipfs: LocalIpfsNode, tmp_path: Path
+) -> None:
+    """A group left BATCHED (a commit that failed, was given up at the fee cap and dropped, or a crash) is
+    committed again by `recover`: without the records whose commit deadline has passed (or is within the
+    margin), which are REFUNDED; the others go back to RECORDED and the next batch commits them once."""
+    journal, late, fresh, now = await _late_and_fresh(world, tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    submitter.clock = lambda: now
+    try:
+        await journal.transition([u.digest for u in late + fresh], State.BATCHED, batch_id=7)
+        await submitter.recover()
+        assert (await journal.get(late[0].digest)).state is State.REFUNDED
+        assert {e.usage.digest for e in await journal.in_state(State.RECORDED)} == {u.digest for u in fresh}
+        assert await _commits(world) == 0
+        await submitter.commit_next()
+        assert {e.usage.digest for e in await journal.in_state(State.COMMITTED)} == {u.digest for u in fresh}
+        assert await _committed_roots(world) == [_root(fresh)]  # the chain got the fresh records alone
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_a_batch_built_after_a_long_commit_leaves_out_late_records(
+    world: World, ipfs: LocalIpfsNode, tmp_path: Path
+) -> None:
+    """`step` refunds late records, then commits batch after batch; one commit may take long (fee bumping), so
+    each batch drops what became late meanwhile, not only the first."""
+    journal, late, fresh, now = await _late_and_fresh(world, tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    submitter.clock = lambda: now
+    try:
+        await submitter.commit_next()
+        assert (await journal.get(late[0].digest)).state is State.REFUNDED
+        assert {e.usage.digest for e in await journal.in_state(State.COMMITTED)} == {u.digest for u in fresh}
+        assert await _committed_roots(world) == [_root(fresh)]
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_commit_deadline_margin_at_its_bound(world: World, ipfs: LocalIpfsNode, tmp_path: Path) -> None:
+    """A record is left out of a batch from `margin` seconds before its commit deadline on: one second
+    more is committed, the bound itself and one second less are refunded."""
+    now = await world.chain.timestamp()
+    journal = SqliteJournal(tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    try:
+        usages = {}
+        for offset in (-1, 0, 1):
+            leaf = await world.leaf(world.payer_a, served_at=now - 10 + offset)
+            usages[offset] = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+            await journal.append(usages[offset])
+        bound = usages[0].request.deadline + submitter.max_commit_delay - submitter.margin
+        submitter.clock = lambda: bound
+        await submitter.commit_next()
+        states = {offset: (await journal.get(u.digest)).state for offset, u in usages.items()}
+        assert states == {-1: State.REFUNDED, 0: State.REFUNDED, 1: State.COMMITTED}
+        assert await _committed_roots(world) == [_root([usages[1]])]
+    finally:
+        await journal.close()
         await chain.close()
