@@ -71,12 +71,16 @@ class Chain:
             raise decode_revert(exc.data) from None
 
     async def transact(self, sender: LocalAccount, fn: Any = None, *, to: str | None = None,
-                       data: str | None = None, gas: int | None = None) -> TxReceipt:
+                       data: str | None = None, gas: int | None = None, within: float | None = None) -> TxReceipt:
         """Signs and sends a transaction calling `fn` (or raw `to`/`data`), waits for its receipt, and while
         it waits unmined past `fees.replace_after`, sends it again with the same nonce and higher fees.
         A revert at estimation raises `ContractRevert`; a mined failure raises `ChainError`, and so does a
         transaction still unmined `replace_after` after its fees reached `fees.max_fee_per_gas` (it may
-        still be mined later: whoever sends next from this account waits for it, see the submitter)."""
+        still be mined later: whoever sends next from this account waits for it, see the submitter).
+        With `within` (seconds), a transaction that must not be mined late (a commit: late is fraud) and is
+        still unmined then, or stuck at the cap before, is cancelled rather than left in the pool: its nonce
+        goes to an empty transfer to the sender with both fees one bump above the last version's (even past
+        the cap: 21,000 gas), and `ChainError` is raised."""
         if fn is not None:
             to, data = fn.address, fn._encode_transaction_data()
         lock = self._locks.setdefault(sender.address, asyncio.Lock())
@@ -94,7 +98,8 @@ class Chain:
                 gas = estimate + estimate // 5 + 10_000
             tx["gas"] = gas
             tx["nonce"] = await self.w3.eth.get_transaction_count(sender.address, "pending")
-            receipt = await self._send_until_mined(sender, tx)
+            cancel_at = None if within is None else time.monotonic() + within
+            receipt = await self._send_until_mined(sender, tx, cancel_at)
         if receipt["status"] != 1:
             raise ChainError(f"transaction {receipt['transactionHash'].hex()} failed on chain")
         return receipt
@@ -104,28 +109,25 @@ class Chain:
         block = await self.w3.eth.get_block("latest")
         return self.fees.initial(int(block.get("baseFeePerGas", 0)), int(await self.w3.eth.max_priority_fee))
 
-    async def _send_until_mined(self, sender: LocalAccount, tx: dict[str, Any]) -> TxReceipt:
+    async def _send_until_mined(self, sender: LocalAccount, tx: dict[str, Any], cancel_at: float | None) -> TxReceipt:
         fees: tuple[int, int] | None = await self.market_fees()
         sent: list[bytes] = []  # every version of this nonce: whichever is mined is the receipt
         while True:
             if fees is not None:
-                tx["maxFeePerGas"], tx["maxPriorityFeePerGas"] = fees
-                signed = Account.sign_transaction(tx, sender.key)
-                try:
-                    sent.append(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
-                except Web3RPCError as exc:
-                    if not sent:
-                        raise ChainError(f"transaction rejected: {exc}") from None
-                    # e.g. "nonce too low": a version sent before was mined meanwhile; its receipt follows
-                    log.warning("replacement of nonce %d not accepted: %s", tx["nonce"], exc)
-            receipt = await self._first_receipt(sender.address, tx["nonce"], sent, self.fees.replace_after)
+                await self._send_version(sender, tx, fees, sent)
+            wait = self.fees.replace_after
+            if cancel_at is not None:
+                wait = max(min(wait, cancel_at - time.monotonic()), 0.0)
+            receipt = await self._first_receipt(sender.address, tx["nonce"], sent, wait)
             if receipt is not None:
                 return receipt
+            if cancel_at is not None and time.monotonic() >= cancel_at:
+                return await self._cancel(sender, tx, sent, "was not mined by its deadline")
             if fees is None:
-                raise ChainError(
-                    f"transaction of nonce {tx['nonce']} still unmined at the fee cap "
-                    f"({self.fees.max_fee_per_gas} wei per gas)"
-                )
+                stuck = f"still unmined at the fee cap ({self.fees.max_fee_per_gas} wei per gas)"
+                if cancel_at is not None:  # left in the pool, it could be mined at any time, after its deadline too
+                    return await self._cancel(sender, tx, sent, stuck)
+                raise ChainError(f"transaction of nonce {tx['nonce']} {stuck}")
             fees = self.fees.bumped(fees, await self.market_fees())
             if fees is not None:
                 self.replacements += 1
@@ -133,6 +135,38 @@ class Chain:
                     "transaction %s unmined after %.0f s: sending it again (nonce %d) at maxFeePerGas %d, tip %d",
                     sent[-1].hex(), self.fees.replace_after, tx["nonce"], *fees,
                 )  # fmt: skip
+
+    async def _send_version(
+        self, sender: LocalAccount, tx: dict[str, Any], fees: tuple[int, int], sent: list[bytes]
+    ) -> None:
+        """Signs `tx` at `fees` and sends it; its hash joins `sent` (the versions of its nonce)."""
+        tx["maxFeePerGas"], tx["maxPriorityFeePerGas"] = fees
+        signed = Account.sign_transaction(tx, sender.key)
+        try:
+            sent.append(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
+        except Web3RPCError as exc:
+            if not sent:
+                raise ChainError(f"transaction rejected: {exc}") from None
+            # e.g. "nonce too low": a version sent before was mined meanwhile; its receipt follows
+            log.warning("replacement of nonce %d not accepted: %s", tx["nonce"], exc)
+
+    async def _cancel(self, sender: LocalAccount, tx: dict[str, Any], sent: list[bytes], why: str) -> TxReceipt:
+        """Spends the nonce of `tx` (which `why`) on an empty transfer to the sender, priced one bump above the
+        last version (so it replaces it); the receipt of `tx` if a version of it is mined first after all,
+        else ChainError."""
+        nonce = tx["nonce"]
+        cancel = {"from": sender.address, "to": sender.address, "value": 0, "data": b"", "gas": 21_000,
+                  "nonce": nonce, "chainId": self.chain_id}  # fmt: skip
+        fees = self.fees.cancellation((tx["maxFeePerGas"], tx["maxPriorityFeePerGas"]))
+        versions = len(sent)
+        log.warning("transaction of nonce %d %s: cancelling it (maxFeePerGas %d)", nonce, why, fees[0])
+        await self._send_version(sender, cancel, fees, sent)
+        receipt = await self._first_receipt(sender.address, nonce, sent, self.fees.replace_after)
+        if receipt is not None and receipt["transactionHash"] in sent[:versions]:
+            return receipt  # the transaction itself was mined before the cancellation could replace it
+        if receipt is not None:
+            raise ChainError(f"transaction of nonce {nonce} {why}: cancelled")
+        raise ChainError(f"transaction of nonce {nonce} {why}; its cancellation is pending")
 
     async def _first_receipt(self, sender: str, nonce: int, hashes: list[bytes], timeout: float) -> TxReceipt | None:
         """The receipt of whichever of `hashes` is mined within `timeout` seconds, else None."""
@@ -205,8 +239,10 @@ class ContractClient:
     async def _call(self, name: str, *args: Any) -> Any:
         return await self.chain.call(self.contract.functions[name](*args))
 
-    async def _send(self, sender: LocalAccount, name: str, *args: Any, gas: int | None = None) -> TxReceipt:
-        return await self.chain.transact(sender, self.contract.functions[name](*args), gas=gas)
+    async def _send(
+        self, sender: LocalAccount, name: str, *args: Any, gas: int | None = None, within: float | None = None
+    ) -> TxReceipt:
+        return await self.chain.transact(sender, self.contract.functions[name](*args), gas=gas, within=within)
 
     def events(self, receipt: TxReceipt, name: str) -> list[dict[str, Any]]:
         """Decoded `name` events this contract emitted in `receipt`."""
@@ -454,10 +490,13 @@ class UsageSettlementClient(ContractClient):
     async def domain(self) -> Domain:
         return Domain(self.chain.chain_id, self.address)
 
-    async def commit_batch(self, sender: LocalAccount, node: str, batch: Batch, cid: str) -> tuple[int, TxReceipt]:
-        """Commits `batch` (roots, totals, one voucher per payer) for `node`; returns (batch id, receipt)."""
+    async def commit_batch(
+        self, sender: LocalAccount, node: str, batch: Batch, cid: str, within: float | None = None
+    ) -> tuple[int, TxReceipt]:
+        """Commits `batch` (roots, totals, one voucher per payer) for `node`; returns (batch id, receipt). With
+        `within`, a commit still unmined after that many seconds is cancelled (`Chain.transact`)."""
         receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid), batch.totals(),
-                                   batch.vouchers_abi())
+                                   batch.vouchers_abi(), within=within)
         return self.events(receipt, "BatchCommitted")[0]["batchId"], receipt
 
     async def finalize_batch(self, sender: LocalAccount, batch_id: int, totals: Totals) -> TxReceipt:

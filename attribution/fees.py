@@ -3,6 +3,8 @@
 A transaction not mined within `replace_after` seconds is sent again with the same nonce and both fees
 raised by `bump` (nodes refuse a replacement under +10% on each fee: geth's and Erigon's minimum), never
 above `max_fee_per_gas`; only one transaction of a nonce can ever be mined, so a replaced call runs once.
+A commit that must not be mined any more (its deadline is near, or it is stuck at the cap) is cancelled by an
+empty transfer with the same nonce, one bump above its last version even past the cap (21,000 gas).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class FeePolicy:
         if new_max > self.max_fee_per_gas:
             return None
         return new_max, min(new_tip, new_max)
+
+    def cancellation(self, fees: tuple[int, int]) -> tuple[int, int]:
+        """The fees of an empty transfer replacing a transaction sent with `fees` that must not be mined any
+        more: each raised by `bump`, even past `max_fee_per_gas` (21,000 gas: at most one bump over the cap)."""
+        return self._raise(fees[0]), self._raise(fees[1])
 
     def _raise(self, fee: int) -> int:
         # decimal, not float: 100 * 1.1 is 110.00000000000001 in floats, and its ceiling one wei too many

@@ -229,7 +229,12 @@ class Submitter:
         path = self.batch_dir / f"{number}.json"
         path.write_bytes(batch.file_bytes(self.chain.chain_id, settlement.address, self.node))
         cid = await self.publish(path)
-        batch_id, receipt = await settlement.commit_batch(self.sender, self.node, batch, cid)
+        # Mined or cancelled (its nonce spent on an empty transfer) by half the margin before the first commit
+        # deadline among its records: a commit mined later is fraud, stuck in a pool however long before.
+        within = min(self._commit_by(e) for e in entries) - self.margin / 2 - self.clock()
+        if within <= 0:  # publishing took that long: recovery refunds what became late and commits the rest
+            raise AttributionError(f"batch {number} reached its commit deadline before it could be sent")
+        batch_id, receipt = await settlement.commit_batch(self.sender, self.node, batch, cid, within=within)
         await self._confirm(receipt["blockNumber"])
         await self.journal.transition_batch(number, State.COMMITTED)
         self.stats.ids[number] = batch_id

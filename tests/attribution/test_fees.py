@@ -5,6 +5,8 @@ automatic mining off (blocks only when the test mines one), the real submitter, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from web3.exceptions import TransactionNotFound
 from attribution.aggregation import BatchLeaf, build_batch
 from attribution.chain import Chain
 from attribution.deploy import Contracts
-from attribution.errors import ChainError
+from attribution.errors import AttributionError, ChainError
 from attribution.fees import FeePolicy
 from attribution.storage import SqliteJournal, State
 from attribution.storage.entries import Usage
@@ -33,6 +35,8 @@ def test_fee_policy_bounds() -> None:
     assert policy.bumped((1_001, 100), (0, 0)) is None  # would pass the cap
     assert policy.bumped((900, 0), (0, 0)) == (990, 1)  # a zero tip still rises
     assert policy.bumped((900, 100), (1_050, 300)) == (1_050, 300)  # the market rose more: follow it
+    assert policy.cancellation((1_100, 100)) == (1_210, 110)  # one bump, past the cap: it must replace the last
+    assert policy.cancellation((0, 0)) == (1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +99,11 @@ async def _pool_tx(world: World) -> dict:
     return ours[0]
 
 
+async def _has_pool_tx(world: World) -> bool:
+    pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
+    return any(tx["from"] == world.node_signer.address for tx in pending["transactions"])
+
+
 async def _commit_logs(world: World) -> list:
     event = world.c.settlement.contract.events.BatchCommitted
     return await event.get_logs(from_block=0, argument_filters={"node": world.node.address})
@@ -140,9 +149,11 @@ async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
         await chain.close()
 
 
-async def test_at_the_fee_cap_it_gives_up_and_a_restart_commits_nothing_twice(
+async def test_at_the_fee_cap_a_commit_is_cancelled_not_left_in_the_pool(
     world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
 ) -> None:
+    """A commit stuck at the fee cap is not left in the pool, where it could be mined at any time (after its
+    deadline too: fraud): its nonce goes to an empty transfer one bump past the cap; recovery commits it once."""
     journal = await _journal(world, tmp_path / "journal.sqlite")
     market, _ = await world.chain.market_fees()
     capped = FeePolicy(replace_after=0.3, max_fee_per_gas=market)  # no room for a replacement
@@ -150,11 +161,37 @@ async def test_at_the_fee_cap_it_gives_up_and_a_restart_commits_nothing_twice(
     try:
         with pytest.raises(ChainError, match="still unmined at the fee cap"):
             await submitter.commit_next()
-        assert chain.replacements == 0 and (await _pool_tx(world))["maxFeePerGas"] <= market
+        pooled = await _pool_tx(world)
+        assert chain.replacements == 0 and pooled["to"] == world.node_signer.address and pooled["input"] == b""
+        assert market < pooled["maxFeePerGas"] <= market * 1.125 + 1  # one bump past the cap
         assert (await journal.depth())[State.BATCHED] == 3  # sent, fate unknown: the journal says so
+        recovering = asyncio.create_task(submitter.recover())
+        await asyncio.sleep(0.5)
+        assert not recovering.done()  # not committing blind while the nonce is pending
+        await manual_mining()
+        await world.chain.rpc("evm_setAutomine", [True])
+        await asyncio.wait_for(recovering, 30)
+        assert (await journal.depth())[State.COMMITTED] == 3
+        assert await _commits(world) == 1
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_a_restart_maps_the_commit_pending_at_the_crash_and_commits_nothing_twice(
+    world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
+) -> None:
+    journal = await _journal(world, tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    try:
+        committing = asyncio.create_task(submitter.commit_next())
+        await _until(lambda: _has_pool_tx(world))
+        committing.cancel()  # the node dies with its commit in the pool
+        with contextlib.suppress(asyncio.CancelledError):
+            await committing
         await chain.close()
         # A restart: the new submitter's recovery waits for the pending commit, then finds it on chain.
-        chain, restarted = await _submitter(world, ipfs, journal, tmp_path, capped)
+        chain, restarted = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
         recovering = asyncio.create_task(restarted.recover())
         await asyncio.sleep(0.5)
         assert not recovering.done()  # not committing blind while a commit is pending
@@ -281,6 +318,79 @@ async def test_commit_deadline_margin_at_its_bound(world: World, ipfs: LocalIpfs
         states = {offset: (await journal.get(u.digest)).state for offset, u in usages.items()}
         assert states == {-1: State.REFUNDED, 0: State.REFUNDED, 1: State.COMMITTED}
         assert await _committed_roots(world) == [_root([usages[1]])]
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_a_commit_unmined_at_its_deadline_is_cancelled_never_mined_late(
+    world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
+) -> None:
+    """A commit stuck in the pool (here: nothing is mined) would be fraud if mined after the first commit
+    deadline of its records. Before that (half the margin before), its nonce goes to an empty transfer to the
+    sender priced one bump higher, which is what gets mined; the group stays BATCHED and recovery refunds it."""
+    start, t0 = await world.chain.timestamp(), time.monotonic()
+    journal = SqliteJournal(tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy(replace_after=1.0))
+    submitter.clock = lambda: start + (time.monotonic() - t0)
+    submitter.margin = 2
+    try:
+        commit_by = start + 6  # the record's request deadline + maxCommitDelay (300 + 300)
+        leaf = await world.leaf(world.payer_a, served_at=commit_by - 600)
+        usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+        await journal.append(usage)
+        committing = asyncio.create_task(submitter.commit_next())
+        node = world.node_signer.address
+
+        async def cancelled_in_pool() -> bool:
+            pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
+            return any(tx["from"] == node and tx["to"] == node for tx in pending["transactions"])
+
+        await _until(cancelled_in_pool, timeout=12)
+        assert submitter.clock() < commit_by
+        await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # the block comes late
+        await manual_mining()
+        with pytest.raises(ChainError, match="not mined by its deadline"):
+            await asyncio.wait_for(committing, 30)
+        block = await world.chain.w3.eth.get_block("latest", full_transactions=True)
+        (mined,) = [tx for tx in block["transactions"] if tx["from"] == node]
+        assert (mined["to"], mined["input"], mined["gas"]) == (node, b"", 21_000)
+        assert await _commits(world) == 0  # the late commit never reached the chain
+        assert (await journal.get(usage.digest)).state is State.BATCHED
+        await submitter.recover()
+        assert (await journal.get(usage.digest)).state is State.REFUNDED and await _commits(world) == 0
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_a_batch_whose_deadline_passes_while_publishing_is_not_sent(
+    world: World, ipfs: LocalIpfsNode, tmp_path: Path
+) -> None:
+    """Publishing the batch file took so long that the commit could no longer be mined in time: nothing is
+    sent, and recovery refunds the record."""
+    start, t0 = await world.chain.timestamp(), time.monotonic()
+    journal = SqliteJournal(tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    submitter.clock = lambda: start + (time.monotonic() - t0)
+    submitter.margin = 2
+    publish = submitter.publish
+
+    async def slow_publish(path: Path) -> str:
+        await asyncio.sleep(3.2)  # the commit would have under 0 s left before `deadline - margin / 2`
+        return await publish(path)
+
+    submitter.publish = slow_publish
+    try:
+        leaf = await world.leaf(world.payer_a, served_at=start + 4 - 600)  # commit deadline: start + 4
+        usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+        await journal.append(usage)
+        nonce = await world.chain.w3.eth.get_transaction_count(world.node_signer.address, "pending")
+        with pytest.raises(AttributionError, match="reached its commit deadline before it could be sent"):
+            await submitter.commit_next()
+        assert await world.chain.w3.eth.get_transaction_count(world.node_signer.address, "pending") == nonce
+        await submitter.recover()
+        assert (await journal.get(usage.digest)).state is State.REFUNDED and await _commits(world) == 0
     finally:
         await journal.close()
         await chain.close()
