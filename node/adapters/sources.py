@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 from node.adapters.errors import AdapterUnavailableError
+from node.adapters.ipfs.cids import parse_cid
+from node.adapters.ipfs.errors import IpfsError
 from node.adapters.peft_format import CONFIG_FILE
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -52,8 +54,20 @@ class AdapterSource(abc.ABC):
         return {}
 
 
+def _is_cid(name: str) -> bool:
+    try:
+        parse_cid(name)
+    except IpfsError:
+        return False
+    return True
+
+
 class LocalAdapterSource(AdapterSource):
-    """A directory of adapters, one sub-directory each; the sub-directory name is the model name."""
+    """A directory of adapters, one sub-directory each; the sub-directory name is the model name.
+
+    A sub-directory named like a CID is no adapter: a CID names verified IPFS content (what a payer is billed
+    for), and the engine acquires an adapter by the key its request resolved to (a CID for IPFS and registry
+    adapters), asking this source first, so such a directory would stand in for that content."""
 
     def __init__(self, root: Path) -> None:
         if not root.is_dir():
@@ -61,10 +75,10 @@ class LocalAdapterSource(AdapterSource):
         self.root = root
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if ADAPTER_NAME.match(p.name) and (p / CONFIG_FILE).is_file())
+        return sorted(p.name for p in self.root.iterdir() if self.has(p.name))
 
     def has(self, name: str) -> bool:
-        return bool(ADAPTER_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file()
+        return bool(ADAPTER_NAME.match(name)) and (self.root / name / CONFIG_FILE).is_file() and not _is_cid(name)
 
     async def canonical(self, name: str) -> str | None:
         return name if self.has(name) else None

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from node.adapters.errors import InvalidAdapterError
 from node.adapters.ipfs import KuboRpcClient, import_directory
@@ -148,7 +149,7 @@ async def test_refused_cid_is_not_fetched_again_after_the_backoff(adapters_root,
 
 async def test_only_a_content_addressed_source_gives_an_adapter_its_cid(adapters_root, base, ipfs_node, tmp_path):
     """The engine keys an adapter's prefix-cache KV by `LoraAdapter.cid`: set for what IPFS verified
-    against its CID, never for a local directory, even one named like a CID (its content can change)."""
+    against its CID, never for a local directory; one named like a CID is no adapter at all."""
     ipfs, cids = await _ipfs_source(adapters_root, ipfs_node, tmp_path)
     local_root = tmp_path / "local"
     shutil.copytree(adapters_root / "a0", local_root / cids["a1"])  # a local adapter posing as a1's CID
@@ -159,6 +160,27 @@ async def test_only_a_content_addressed_source_gives_an_adapter_its_cid(adapters
     assert fetched.cid == cids["a1"] == fetched.name
     manager.release(fetched)
     manager = AdapterManager([local], base, max_rank=8)
-    posing = await manager.acquire(cids["a1"])
-    assert posing.name == cids["a1"] and posing.cid is None
-    manager.release(posing)
+    with pytest.raises(LookupError):
+        await manager.acquire(cids["a1"])
+
+
+async def test_a_local_directory_named_like_a_cid_never_stands_in_for_that_cid(
+    adapters_root, ipfs_node, tmp_path, base
+):
+    """The handler resolves a request once and hands the engine the adapter's key (a CID for IPFS and registry
+    adapters), which the manager resolves again when the engine acquires it. A local directory named like that
+    CID (the local source is asked first) must not be what is loaded: a CID means the verified IPFS content,
+    the one that is billed. Such directories are no local adapters at all (as such names are refused in the index)."""
+    ipfs, cids = await _ipfs_source(adapters_root, ipfs_node, tmp_path)
+    local_root = tmp_path / "local"
+    local_root.mkdir()
+    shutil.copytree(adapters_root / "a1", local_root / cids["a0"])  # other content under a0's CID
+    shutil.copytree(adapters_root / "a2", local_root / "plain")
+    local = LocalAdapterSource(local_root)
+    assert local.names() == ["plain"] and await local.canonical(cids["a0"]) is None
+    manager = AdapterManager([local, ipfs], base, max_rank=8)
+    served = await manager.acquire(cids["a0"])
+    reference = await AdapterManager([LocalAdapterSource(adapters_root)], base, max_rank=8).acquire("a0")
+    assert served.cid == cids["a0"] and served.weights.keys() == reference.weights.keys()
+    assert all(torch.equal(served.weights[k][0], reference.weights[k][0]) for k in reference.weights)
+    manager.release(served)
