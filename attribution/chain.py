@@ -155,18 +155,36 @@ class Chain:
         last version (so it replaces it); the receipt of `tx` if a version of it is mined first after all,
         else ChainError."""
         nonce = tx["nonce"]
-        cancel = {"from": sender.address, "to": sender.address, "value": 0, "data": b"", "gas": 21_000,
-                  "nonce": nonce, "chainId": self.chain_id}  # fmt: skip
         fees = self.fees.cancellation((tx["maxFeePerGas"], tx["maxPriorityFeePerGas"]))
         versions = len(sent)
         log.warning("transaction of nonce %d %s: cancelling it (maxFeePerGas %d)", nonce, why, fees[0])
-        await self._send_version(sender, cancel, fees, sent)
+        await self._send_version(sender, self._empty_transfer(sender, nonce), fees, sent)
         receipt = await self._first_receipt(sender.address, nonce, sent, self.fees.replace_after)
         if receipt is not None and receipt["transactionHash"] in sent[:versions]:
             return receipt  # the transaction itself was mined before the cancellation could replace it
         if receipt is not None:
             raise ChainError(f"transaction of nonce {nonce} {why}: cancelled")
         raise ChainError(f"transaction of nonce {nonce} {why}; its cancellation is pending")
+
+    async def cancel(self, sender: LocalAccount, nonce: int) -> bytes:
+        """Sends an empty transfer to the sender with `nonce`, priced to replace any version of a transaction
+        this client signed (all at most the cap, a cancellation one bump above): for a transaction whose fees
+        are unknown, e.g. sent before a restart. Returns its hash; does not wait."""
+        cap = self.fees.max_fee_per_gas
+        cancel = self._empty_transfer(sender, nonce)
+        cancel["maxFeePerGas"], cancel["maxPriorityFeePerGas"] = self.fees.cancellation(
+            self.fees.cancellation((cap, cap))
+        )
+        log.warning("cancelling the pending transaction of nonce %d (maxFeePerGas %d)", nonce, cancel["maxFeePerGas"])
+        try:
+            return await self.w3.eth.send_raw_transaction(Account.sign_transaction(cancel, sender.key).raw_transaction)
+        except Web3RPCError as exc:  # e.g. "nonce too low": it was mined meanwhile
+            raise ChainError(f"cancelling nonce {nonce}: {exc}") from None
+
+    def _empty_transfer(self, sender: LocalAccount, nonce: int) -> dict[str, Any]:
+        """What takes a nonce back: 0 wei from the sender to itself, no data (21,000 gas)."""
+        return {"from": sender.address, "to": sender.address, "value": 0, "data": b"", "gas": 21_000,
+                "nonce": nonce, "chainId": self.chain_id}  # fmt: skip
 
     async def _first_receipt(self, sender: str, nonce: int, hashes: list[bytes], timeout: float) -> TxReceipt | None:
         """The receipt of whichever of `hashes` is mined within `timeout` seconds, else None."""

@@ -39,7 +39,7 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 
 from attribution.aggregation import Batch, BatchLeaf, Voucher, build_batch
-from attribution.errors import AttributionError, SignatureError
+from attribution.errors import AttributionError, ChainError, SignatureError
 from attribution.signing import recover
 from attribution.storage import Entry, State
 from attribution.types import Domain
@@ -271,7 +271,10 @@ class Submitter:
 
     async def recover(self) -> None:
         """Maps journaled batches to the chain's, and commits (again) groups the chain never got."""
-        await self._wait_for_pending()
+        batched = await self.journal.in_state(State.BATCHED, limit=1_000_000)
+        await self._wait_for_pending(
+            cancel_at=min(self._commit_by(e) for e in batched) - self.margin / 2 if batched else None
+        )
         on_chain = await self._committed_roots()
         groups: dict[int, list[Entry]] = {}
         for state in (State.BATCHED, State.COMMITTED):
@@ -294,13 +297,22 @@ class Submitter:
             else:
                 raise AttributionError(f"journal batch {number} is COMMITTED but the chain has no such commit")
 
-    async def _wait_for_pending(self, timeout: float = 300.0) -> None:
-        """A commit sent before a crash may still be in the mempool: wait until it is mined (or dropped)."""
+    async def _wait_for_pending(self, timeout: float = 300.0, cancel_at: float | None = None) -> None:
+        """A commit sent before a crash may still be in the mempool: wait until it is mined (or dropped). From
+        `cancel_at` (this clock: half the margin before the first commit deadline of a BATCHED group) on, a
+        pending nonce is cancelled (`Chain.cancel`): left there, a commit could be mined late."""
         eth = self.chain.w3.eth
         deadline = time.monotonic() + timeout
-        while await eth.get_transaction_count(self.sender.address, "pending") > await eth.get_transaction_count(
-            self.sender.address, "latest"
+        cancelled: set[int] = set()
+        while (nonce := await eth.get_transaction_count(self.sender.address, "latest")) < (
+            await eth.get_transaction_count(self.sender.address, "pending")
         ):
+            if cancel_at is not None and self.clock() >= cancel_at and nonce not in cancelled:
+                cancelled.add(nonce)
+                try:
+                    await self.chain.cancel(self.sender, nonce)
+                except ChainError as exc:  # mined meanwhile, or priced under its pending version: wait on
+                    log.warning("submitter: %s", exc)
             if time.monotonic() > deadline:
                 raise AttributionError("transactions of the node's sender stay pending; not committing blind")
             await asyncio.sleep(1.0)

@@ -394,3 +394,50 @@ async def test_a_batch_whose_deadline_passes_while_publishing_is_not_sent(
     finally:
         await journal.close()
         await chain.close()
+
+
+async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadline(
+    world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
+) -> None:
+    """The node dies with its commit in the pool; the restarted node does not know that transaction's fees.
+    Its recovery waits for it, and half the margin before the first commit deadline of the BATCHED group it
+    cancels the nonce at a price above any version the node signs; the late block carries the cancellation,
+    and the record is refunded."""
+    start, t0 = await world.chain.timestamp(), time.monotonic()
+    journal = SqliteJournal(tmp_path / "journal.sqlite")
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    try:
+        commit_by = start + 8
+        leaf = await world.leaf(world.payer_a, served_at=commit_by - 600)
+        usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
+        await journal.append(usage)
+        submitter.clock = lambda: start + (time.monotonic() - t0)
+        submitter.margin = 2
+        committing = asyncio.create_task(submitter.commit_next())
+        await _until(lambda: _has_pool_tx(world))
+        committing.cancel()  # the node dies with its commit in the pool
+        with contextlib.suppress(asyncio.CancelledError):
+            await committing
+        commit = await _pool_tx(world)
+        await chain.close()
+        chain, restarted = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+        restarted.clock = lambda: start + (time.monotonic() - t0)
+        restarted.margin = 2
+        recovering = asyncio.create_task(restarted.recover())
+        node = world.node_signer.address
+
+        async def cancelled_in_pool() -> bool:
+            return (await _pool_tx(world))["to"] == node
+
+        await _until(cancelled_in_pool, timeout=15)
+        assert restarted.clock() < commit_by and not recovering.done()
+        cancel = await _pool_tx(world)
+        assert cancel["nonce"] == commit["nonce"] and cancel["maxFeePerGas"] > FeePolicy().max_fee_per_gas
+        await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # the block comes late
+        await manual_mining()
+        await asyncio.wait_for(recovering, 30)
+        assert await _commits(world) == 0  # the late commit never reached the chain
+        assert (await journal.get(usage.digest)).state is State.REFUNDED
+    finally:
+        await journal.close()
+        await chain.close()
