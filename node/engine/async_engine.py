@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 import kernels
 from node.adapters.errors import AdapterError
 from node.config import Settings
+from node.engine.admission import check_fits
 from node.engine.errors import EngineStoppedError, ModelLoadError, PromptTooLongError, UnknownModelError
 from node.engine.lora import LoraSlotPool, make_layout
 from node.engine.model import LlamaModel
@@ -112,19 +113,9 @@ class AsyncEngine:
 
     def check(self, request: GenerationRequest) -> None:
         """Reject what can never run, before it is queued."""
-        if request.adapter == self.model_name:
-            request.adapter = None
-        if request.adapter is not None and self.adapters is None:
-            raise UnknownModelError(request.adapter)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise PromptTooLongError("the prompt is empty")
-        total = n_prompt + request.sampling.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
-                f"({n_prompt} in the prompt, {request.sampling.max_tokens} for the completion)"
-            )
+        check_fits(request, model_name=self.model_name, serves_adapters=self.adapters is not None,
+                   max_model_len=self.max_model_len)  # fmt: skip
+        total = len(request.prompt_token_ids) + request.sampling.max_tokens
         kv = self.runner.kv
         if kv.blocks_needed(total) > kv.allocator.num_blocks:
             raise PromptTooLongError(

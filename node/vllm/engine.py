@@ -23,8 +23,9 @@ from transformers import AutoTokenizer
 from node.adapters.errors import AdapterError
 from node.adapters.peft_format import LoraAdapter
 from node.config import Settings
+from node.engine.admission import check_fits
 from node.engine.async_engine import resolve_dtype
-from node.engine.errors import EngineStoppedError, PromptTooLongError, UnknownModelError
+from node.engine.errors import EngineStoppedError, UnknownModelError
 from node.engine.prepare import prepare_model, served_name
 from node.engine.types import AdapterProvider, FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from node.vllm.adapters import HeldAdapters, zero_adapter
@@ -177,19 +178,8 @@ class VllmEngine:
 
     def check(self, request: GenerationRequest) -> None:
         """Reject what can never run, before it is queued (vLLM would say 400 later)."""
-        if request.adapter == self.model_name:
-            request.adapter = None
-        if request.adapter is not None and self.adapters is None:
-            raise UnknownModelError(request.adapter)
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise PromptTooLongError("the prompt is empty")
-        total = n_prompt + request.sampling.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
-                f"({n_prompt} in the prompt, {request.sampling.max_tokens} for the completion)"
-            )
+        check_fits(request, model_name=self.model_name, serves_adapters=self.adapters is not None,
+                   max_model_len=self.max_model_len)  # fmt: skip
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's outputs. Leaving early (break, cancel, aclose) aborts it in vLLM."""
