@@ -17,6 +17,7 @@ and the node's own uncommitted charges are counted from its journal, not from th
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,13 +31,23 @@ class ChainLedger:
     """`attribution.accounting.Ledger` over a deployment's contracts (`attribution.deploy.Contracts`)."""
 
     def __init__(
-        self, contracts: Any, *, ttl: float = 2.0, max_stale: float = 60.0, clock: Callable[[], float] = time.monotonic
+        self,
+        contracts: Any,
+        *,
+        ttl: float = 2.0,
+        max_stale: float = 60.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.contracts = contracts
         self.ttl = ttl
         self.max_stale = max_stale
+        self.max_entries = max_entries
         self.clock = clock
-        self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}  # key -> (read at, value)
+        # key -> (read at, value), least recently used first: past `max_entries` the least recently used entry
+        # goes, so reads of many distinct keys (e.g. requests naming unknown adapters) do not evict the escrow
+        # and signer entries of payers who keep sending requests.
+        self._cache: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
         self.stale_reads = 0  # answers served from an expired entry because the chain could not be read
         self._down_until = 0.0  # after a failed read, recent values answer without trying the chain again
 
@@ -46,10 +57,10 @@ class ChainLedger:
         """`read()` at most every `ttl` seconds per key. While the chain is unreachable, the last value read
         under `key` (or, for time-keyed reads, under its `family`) within `max_stale` seconds stands in."""
         now = self.clock()
-        hit = self._cache.get(key)
+        hit = self._used(key)
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        last = hit if hit is not None else self._cache.get(family) if family is not None else None
+        last = hit if hit is not None else self._used(family) if family is not None else None
         usable = last is not None and now - last[0] < self.max_stale
         if usable and now < self._down_until:  # the chain failed a moment ago: don't wait on it again
             self.stale_reads += 1
@@ -66,12 +77,23 @@ class ChainLedger:
             if isinstance(exc, ChainError):
                 raise
             raise ChainError(f"cannot read the chain: {type(exc).__name__}") from exc
-        if len(self._cache) > 100_000:  # bounded: drop everything rather than track per-key age
-            self._cache.clear()
-        self._cache[key] = (now, value)
+        self._store(key, (now, value))
         if family is not None:
-            self._cache[family] = (now, value)
+            self._store(family, (now, value))
         return value
+
+    def _used(self, key: tuple[Any, ...]) -> tuple[float, Any] | None:
+        """The entry under `key`, now the most recently used; None if there is none."""
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache.move_to_end(key)
+        return entry
+
+    def _store(self, key: tuple[Any, ...], entry: tuple[float, Any]) -> None:
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
 
     async def signer_status(self, payer: str, signer: str) -> SignerStatus | None:
         async def read() -> SignerStatus | None:

@@ -44,6 +44,34 @@ async def test_cache_ttl_outage_and_staleness(world: World) -> None:
     await dead.close()
 
 
+async def test_cache_at_its_bound_drops_the_least_recently_used(world: World) -> None:
+    """Past `max_entries` the least recently used entry goes, one at a time: a payer whose escrow was read
+    first but used since keeps its value (it answers through an outage); an entry left unused goes."""
+    clock = Clock()
+    ledger = ChainLedger(world.c, ttl=2.0, max_stale=60.0, max_entries=4, clock=clock)
+    node = world.node.address
+    honest = await ledger.escrow_available(world.payer_a.address, node)
+    await ledger.escrow_available(world.payer_b.address, node)
+    await ledger.adapter_id_by_name("flood-0")
+    await ledger.adapter_id_by_name("flood-1")  # 4 entries: at the bound, none dropped
+    clock.now += 1.0
+    assert await ledger.escrow_available(world.payer_a.address, node) == honest  # a hit: now the most recent
+    await ledger.adapter_id_by_name("flood-2")  # 5 > 4: payer_b's entry, the least recently used, goes
+    await ledger.adapter_id_by_name("flood-3")  # then flood-0's
+    dead = Chain(AsyncWeb3(AsyncWeb3.AsyncHTTPProvider(f"http://127.0.0.1:{free_port()}")), world.chain.chain_id)
+    ledger.contracts = Contracts.attach(dead, world.deployments)
+    clock.now += 10.0  # past the TTL, within max_stale: what is still cached answers, the rest cannot
+    assert await ledger.escrow_available(world.payer_a.address, node) == honest
+    for name in ("flood-1", "flood-2", "flood-3"):
+        assert await ledger.adapter_id_by_name(name) == 0
+    assert ledger.stale_reads == 4
+    with pytest.raises(ChainError):
+        await ledger.escrow_available(world.payer_b.address, node)
+    with pytest.raises(ChainError):
+        await ledger.adapter_id_by_name("flood-0")
+    await dead.close()
+
+
 async def test_registry_names_and_ids_follow_the_chain_after_the_ttl(world: World) -> None:
     """What the node's registry adapter source reads: a name's adapter and an adapter's CID, cached for `ttl`;
     a name moved to a new version is followed once the TTL has passed, a retirement once it is in force."""
