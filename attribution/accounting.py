@@ -94,12 +94,19 @@ class Accountant:
         self._in_flight: dict[str, int] = {}  # payer -> maxCharge of granted requests not yet recorded
 
     async def authorise(
-        self, request: InferenceRequest, signature: Signature, body: bytes, adapter_cid: str | None, input_tokens: int
+        self,
+        request: InferenceRequest,
+        signature: Signature,
+        body: bytes,
+        model: str,
+        adapter_cid: str | None,
+        input_tokens: int,
     ) -> Grant:
         """Runs every check; raises `RequestRefused` (nothing reserved, nothing charged) or returns the grant.
+        `model` is the name the body asks for, `adapter_cid` the CID it resolved to (None: the base model).
         A chain that cannot be read is a retryable 503: serving blind could spend escrow that is not there."""
         try:
-            return await self._authorise(request, signature, body, adapter_cid, input_tokens)
+            return await self._authorise(request, signature, body, model, adapter_cid, input_tokens)
         except ChainError as exc:
             raise RequestRefused(
                 "chain",
@@ -110,7 +117,13 @@ class Accountant:
             ) from None
 
     async def _authorise(
-        self, request: InferenceRequest, signature: Signature, body: bytes, adapter_cid: str | None, input_tokens: int
+        self,
+        request: InferenceRequest,
+        signature: Signature,
+        body: bytes,
+        model: str,
+        adapter_cid: str | None,
+        input_tokens: int,
     ) -> Grant:
         now = int(self.clock())
         signer = checks.check_signature(request, signature, self.domain)
@@ -134,7 +147,7 @@ class Accountant:
                     status=422,
                     code="adapter_not_registered",
                 ) from None
-        checks.check_adapter(request, adapter_id, adapter_cid or "the base model")
+        checks.check_adapter(request, adapter_id, model, adapter_cid)
         try:
             terms = await self.ledger.terms(adapter_id, self.node, now)
         except LookupError:

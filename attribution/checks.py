@@ -141,12 +141,14 @@ def check_prompt_hash(request: InferenceRequest, body: bytes) -> None:
         )
 
 
-def check_adapter(request: InferenceRequest, adapter_id: int, model: str) -> None:
-    """The signed adapterId is the registry id of the model the body asks for (0: the base model)."""
+def check_adapter(request: InferenceRequest, adapter_id: int, model: str, cid: str | None = None) -> None:
+    """The signed adapterId is the registry id of the model the body asks for (0: the base model). `model` is
+    the name the client sent, `cid` the CID it resolved to (None for the base model)."""
     if request.adapter_id != adapter_id:
+        named = f"'{model}'" if cid is None or cid == model else f"'{model}' (CID {cid})"
         raise RequestRefused(
             "adapter",
-            f"adapterId {request.adapter_id} was signed, but '{model}' is adapter id {adapter_id} on chain.",
+            f"adapterId {request.adapter_id} was signed, but {named} is adapter id {adapter_id} on chain.",
             status=422,
             code="adapter_mismatch",
         )

@@ -1,9 +1,10 @@
 """The HTTP side of attribution: the signed-request headers in, the usage record out.
 
 A request is signed when it carries `X-OpenLoRA-Request` (the `InferenceRequest` in its JSON wire form) and
-`X-OpenLoRA-Signature` (0x r||s||v). `authorise` turns them into a `Grant` (or refuses with the check's
-status and code) before anything is generated; `record` signs and journals the answer's usage record before
-the response completes (docs/dapp.md).
+`X-OpenLoRA-Signature` (0x r||s||v). `admit` reads them before the model name is resolved (refusing an
+unsigned request where signatures are required), `authorise` turns them into a `Grant` (or refuses with the
+check's status and code) before anything is generated; `record` signs and journals the answer's usage record
+before the response completes (docs/dapp.md).
 
 | node                  | unsigned request            | signed request                  |
 |-----------------------|-----------------------------|---------------------------------|
@@ -81,11 +82,11 @@ def signed_request(request: web.Request) -> tuple[InferenceRequest, Signature] |
         raise RefusedError(401, "invalid_signature", f"{SIGNATURE_HEADER}: {exc}.") from None
 
 
-async def authorise(
-    request: web.Request, body: bytes, adapter_cid: str | None, is_adapter: bool, input_tokens: int
-) -> Grant | None:
-    """Phase 1 of a generation request: the grant to serve it, or None to serve it free (no chain, or an
-    unsigned request on a node that allows them). Raises `RefusedError` when it must not be served."""
+def admit(request: web.Request) -> tuple[InferenceRequest, Signature] | None:
+    """Phase 0, before the body's model name is resolved or the chain is read: the signed request in the
+    headers, or None for a request to serve free. Refuses what needs no chain to refuse (malformed headers,
+    a signed request on a node without a chain, an unsigned one on a node that requires signatures), so
+    unsigned requests naming unknown adapters cost a node that requires signatures no RPC reads."""
     accountant = request.app.get(ACCOUNTANT)
     signed = signed_request(request)
     if accountant is None:
@@ -94,18 +95,33 @@ async def authorise(
                 422, "attribution_unavailable", "This node has no chain configured; send the request unsigned."
             )
         return None
-    if signed is None:
-        if accountant.allow_unsigned:
-            return None
+    if signed is None and not accountant.allow_unsigned:
         raise RefusedError(
             401, "signature_required", f"This node serves signed requests only ({REQUEST_HEADER}, {SIGNATURE_HEADER})."
         )
+    return signed
+
+
+async def authorise(
+    request: web.Request,
+    signed: tuple[InferenceRequest, Signature] | None,
+    body: bytes,
+    model: str,
+    adapter_cid: str | None,
+    is_adapter: bool,
+    input_tokens: int,
+) -> Grant | None:
+    """Phase 1 of a generation request, for what `admit` let through: the grant to serve it, or None to serve
+    it free (unsigned). Raises `RefusedError` when it must not be served."""
+    accountant = request.app.get(ACCOUNTANT)
+    if accountant is None or signed is None:
+        return None
     if is_adapter and adapter_cid is None:
         raise RefusedError(
             422, "adapter_not_registered", "This adapter is not content-addressed, so it cannot be paid for on chain."
         )
     try:
-        return await accountant.authorise(*signed, body, adapter_cid, input_tokens)
+        return await accountant.authorise(*signed, body, model, adapter_cid, input_tokens)
     except RequestRefused as exc:
         request.app[METRICS].refusals.labels(exc.code).inc()
         raise RefusedError.of(exc) from None

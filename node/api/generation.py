@@ -259,11 +259,13 @@ async def _complete(
 ) -> web.StreamResponse:
     """The phases of a generation request: authorise -> generate -> record -> respond.
 
-    Tokenizing comes first (the signed inputTokens is checked against it). The record is signed and
-    journaled before the response completes: in the body of a non-streaming answer, as the last event before
-    `[DONE]` of a stream. A stream whose client leaves midway is recorded for the tokens already sent; a
-    request that ends before any token reached the client is not recorded and costs nothing."""
+    Authorising opens with the headers alone (`accounting.admit`: an unsigned request a node refuses costs no
+    name resolution and no chain read), then tokenizes (the signed inputTokens is checked against it). The
+    record is signed and journaled before the response completes: in the body of a non-streaming answer, as
+    the last event before `[DONE]` of a stream. A stream whose client leaves midway is recorded for the tokens
+    already sent; a request that ends before any token reached the client is not recorded and costs nothing."""
     engine = request.app[ENGINE]
+    signed = accounting.admit(request)  # before the name is resolved: an unsigned flood reads nothing on chain
     # Any other name is an adapter's (404 if no source knows it), resolved once: authorisation prices the
     # adapter the engine then serves, even if its name is re-pointed on chain meanwhile.
     adapter = None if req.model == engine.model_name else req.model
@@ -271,7 +273,7 @@ async def _complete(
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
     resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
     grant = await accounting.authorise(
-        request, raw, resolved.cid if resolved else None, adapter is not None, len(prompt_ids)
+        request, signed, raw, req.model, resolved.cid if resolved else None, adapter is not None, len(prompt_ids)
     )
     if grant is not None:
         max_tokens = min(max_tokens, grant.max_tokens)

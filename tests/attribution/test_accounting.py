@@ -69,7 +69,7 @@ def request(cap: int = 1_000, max_charge: int = 1_000, **changes) -> InferenceRe
 async def authorise(
     acc: Accountant, req: InferenceRequest, key: bytes = PAYER_KEY, body: bytes = BODY, tokens: int = 12
 ):
-    return await acc.authorise(req, sign_request(req, DOMAIN, key), body, CID, tokens)
+    return await acc.authorise(req, sign_request(req, DOMAIN, key), body, CID, CID, tokens)
 
 
 async def test_grant_record_and_journal() -> None:
@@ -153,7 +153,7 @@ async def test_unregistered_adapter_and_wrong_id() -> None:
     acc = accountant()
     req = request()
     with pytest.raises(RequestRefused) as info:
-        await acc.authorise(req, sign_request(req, DOMAIN, PAYER_KEY), BODY, "bafy-other", 12)
+        await acc.authorise(req, sign_request(req, DOMAIN, PAYER_KEY), BODY, "bafy-other", "bafy-other", 12)
     assert info.value.code == "adapter_not_registered"
     wrong = dataclasses.replace(req, adapter_id=8)
     with pytest.raises(RequestRefused) as info:

@@ -115,6 +115,10 @@ def test_prompt_hash_is_over_canonical_json() -> None:
 def test_adapter_and_input_tokens() -> None:
     checks.check_adapter(make(adapter_id=3), 3, "demo")
     assert refused(checks.check_adapter, make(adapter_id=3), 4, "demo").code == "adapter_mismatch"
+    # The message names the model as the client sent it, and the CID that name resolved to.
+    message = refused(checks.check_adapter, make(adapter_id=3), 4, "sql-expert", "bafy-sql").message
+    assert "'sql-expert' (CID bafy-sql) is adapter id 4" in message
+    assert "'tiny' is adapter id 0" in refused(checks.check_adapter, make(adapter_id=3), 0, "tiny").message
     checks.check_input_tokens(make(input_tokens=10), 10)
     for counted in (9, 11):
         error = refused(checks.check_input_tokens, make(input_tokens=10), counted)

@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from eth_account import Account
+from eth_typing import URI
 
 from attribution.caps import CapLedger
 from attribution.chain import Chain
@@ -28,6 +32,7 @@ from attribution.wire import REQUEST_HEADER, SIGNATURE_HEADER, prompt_hash
 from node.adapters.ipfs import KuboRpcClient, import_directory
 from node.adapters.synthetic import make_random_adapter
 from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE
+from node.api.server import start_server
 from node.devnet import PAYER_DEPOSIT, LocalNetwork
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -173,6 +178,55 @@ async def test_strangers_and_malformed_signatures(net: LocalNetwork) -> None:
     assert (status, answer["error"]["code"]) == (401, "signature_required")
 
 
+@contextlib.asynccontextmanager
+async def counted_rpc(net: LocalNetwork) -> AsyncIterator[list[dict]]:
+    """Meanwhile the node's chain connection goes through a JSON-RPC proxy in front of anvil; yields the
+    calls it forwarded, as they arrive."""
+    provider = net.app[ACCOUNTANT].ledger.contracts.adapters.chain.w3.provider
+    upstream, calls = provider.endpoint_uri, []
+
+    async def forward(request: web.Request) -> web.Response:
+        raw = await request.read()
+        payload = json.loads(raw)
+        calls.extend(payload if isinstance(payload, list) else [payload])
+        async with http.post(upstream, data=raw, headers={"Content-Type": "application/json"}) as response:
+            return web.Response(body=await response.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", forward)
+    async with aiohttp.ClientSession() as http:
+        runner, url = await start_server(app, "127.0.0.1", 0)
+        provider.endpoint_uri = URI(url)
+        try:
+            yield calls
+        finally:
+            provider.endpoint_uri = upstream
+            await runner.cleanup()
+
+
+async def test_unsigned_requests_read_nothing_on_chain(net: LocalNetwork) -> None:
+    """A node that requires signatures refuses an unsigned request before it resolves the model name: a flood
+    of unsigned requests naming unknown adapters costs no registry (or any other) read. The submitter's own
+    loop goes on meanwhile (it reads the block time and the settlement's batches), so the reads a request
+    could cause are those of the registries and the escrow, which only the request path makes."""
+    contracts = net.app[ACCOUNTANT].ledger.contracts
+    request_path = {c.address.lower() for c in (contracts.adapters, contracts.escrow, contracts.nodes)}
+
+    def reads(calls: list[dict]) -> list[dict]:
+        return [c for c in calls if c["method"] == "eth_call" and c["params"][0]["to"].lower() in request_path]
+
+    async with counted_rpc(net) as calls:
+        for i in range(20):
+            status, answer = await post(net, body(net, model=f"flood-{i}-{time.time_ns()}"), {})
+            assert (status, answer["error"]["code"]) == (401, "signature_required"), answer
+        assert reads(calls) == []
+        # The proxy sees the node's reads: a name looked up through the public model card reads the registry.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{net.url}/v1/models/unknown-{time.time_ns()}") as response:
+                assert response.status == 404
+        assert reads(calls) != []
+
+
 async def test_replay_refused_also_after_a_restart(net: LocalNetwork) -> None:
     payload, headers = await signed(net, body(net))
     assert (await post(net, payload, headers))[0] == 200
@@ -288,6 +342,7 @@ async def test_registry_names_and_ids_resolve_on_chain(net: LocalNetwork, tmp_pa
         payload, headers = await signed(net, body(net, model="registry-only"), adapter_id=ids[1])
         status, answer = await post(net, payload, headers)  # signed for the next version: not what the name is yet
         assert (status, answer["error"]["code"]) == (422, "adapter_mismatch")
+        assert f"'registry-only' (CID {cids[0]}) is adapter id {ids[0]}" in answer["error"]["message"]
 
         await adapters.set_name(owner, "registry-only", ids[1])  # the owner's new version
         deadline = time.monotonic() + REGISTRY_TTL + 5
