@@ -4,6 +4,7 @@ manager validates it the same way whatever the source."""
 from __future__ import annotations
 
 import abc
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from node.adapters.errors import AdapterUnavailableError
 from node.adapters.ipfs.cids import parse_cid
 from node.adapters.ipfs.errors import IpfsError
 from node.adapters.peft_format import CONFIG_FILE
+
+log = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -98,5 +101,7 @@ class LocalAdapterSource(AdapterSource):
     async def fetch(self, key: str) -> Path:
         path = self.root / key
         if not path.is_dir():
-            raise AdapterUnavailableError(f"adapter {key!r} disappeared from {self.root}")
+            # The path is the operator's: logged here, never told to the client.
+            log.warning("local adapter %r disappeared: %s is no longer a directory", key, path)
+            raise AdapterUnavailableError(f"adapter {key!r} is no longer in this node's adapter directory")
         return path

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from node.adapters.errors import InvalidAdapterError
+from node.adapters.errors import AdapterUnavailableError, InvalidAdapterError
 from node.adapters.ipfs import KuboRpcClient, import_directory
 from node.adapters.ipfs_source import DiskCache, IpfsAdapterSource
 from node.adapters.manager import AdapterManager, AdapterState
@@ -79,6 +80,25 @@ async def test_concurrent_requests_share_one_load(adapters_root, base):
     assert await manager.state("a0") is AdapterState.LOADED
     for a in adapters:
         manager.release(a)
+
+
+async def test_a_local_adapter_gone_before_its_fetch_is_a_503_without_the_path(adapters_root, tmp_path, caplog):
+    """The directory vanished between resolving the name and fetching it: the client is told the adapter is
+    unavailable, not where the operator keeps adapters; the log has the path."""
+    root = tmp_path / "operator-only"
+    shutil.copytree(adapters_root, root)
+    source = LocalAdapterSource(root)
+    key = await source.canonical("a1")
+    shutil.rmtree(root / "a1")
+    with (
+        caplog.at_level(logging.WARNING, logger="node.adapters.sources"),
+        pytest.raises(AdapterUnavailableError) as info,
+    ):
+        await source.fetch(key)
+    told = info.value.client_message()
+    assert (info.value.status, info.value.code) == (503, "adapter_unavailable")
+    assert "'a1'" in told and "operator-only" not in told and str(tmp_path) not in told
+    assert str(root / "a1") in caplog.text
 
 
 async def test_failed_adapter_backs_off_then_retries(adapters_root, base, tmp_path):
