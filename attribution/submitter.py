@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Submitter:
         confirmations: int = 1,
         margin: int = 60,
         from_block: int = 0,
+        status_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.journal = journal
@@ -105,6 +107,11 @@ class Submitter:
         self.stats = SubmitterStats()
         self._last_number = 0
         self._wake = asyncio.Event()
+        # Committed batches still open: local number -> chain time at which their challenge window ends
+        # (0: not read yet). Only these are asked about, and only when due or every `status_interval`.
+        self._open: dict[int, int] = {}
+        self.status_interval = status_interval
+        self._statuses_read_at = -math.inf
 
     def notify(self) -> None:
         """A record was journaled: the loop re-checks whether a batch is due (cheap)."""
@@ -238,6 +245,7 @@ class Submitter:
         await self._confirm(receipt["blockNumber"])
         await self.journal.transition_batch(number, State.COMMITTED)
         self.stats.ids[number] = batch_id
+        self._open[number] = 0
         self.stats.committed += 1
         self.stats.last_commit_at = self.clock()
         log.info("submitter: batch %d committed (%d records, %d wei, %s)", batch_id, batch.count, batch.charge, cid)
@@ -247,25 +255,38 @@ class Submitter:
             await asyncio.sleep(0.5)
 
     async def finalize_due(self) -> None:
-        committed = await self.journal.in_state(State.COMMITTED, limit=100_000)
+        """Finalizes the committed batches whose challenge window has passed. It runs at every step (after
+        every record), so it reads the chain only for batches that are due, or whose end is not known yet;
+        every `status_interval` seconds it reads all open batches, to learn of a batch voided by a
+        challenge."""
+        if not self._open:
+            return
         now = await self.chain.timestamp()
-        for number in dict.fromkeys(e.batch_id for e in committed):
-            batch_id = self.stats.ids.get(number)
-            if batch_id is None:
-                continue  # recover() maps every committed group; a gap means the chain lost it (reorg)
+        read_all = self.clock() - self._statuses_read_at >= self.status_interval
+        if read_all:
+            self._statuses_read_at = self.clock()
+        for number, window_ends in sorted(self._open.items()):
+            if not read_all and 0 < window_ends and now < window_ends:
+                continue
+            batch_id = self.stats.ids[number]
             header = await self.contracts.settlement.batch_of(batch_id)
             if header.status == STATUS_VOIDED:
                 await self.journal.transition_batch(number, State.VOIDED)
                 self.stats.voided += 1
+                del self._open[number]
                 log.error("submitter: batch %d was voided on chain", batch_id)
             elif header.status == STATUS_FINALIZED:
                 await self.journal.transition_batch(number, State.FINALIZED)
+                del self._open[number]
             elif header.committed_at + self.challenge_window <= now:
                 batch = await self._build(await self.journal.batch(number))
                 await self.contracts.settlement.finalize_batch(self.sender, batch_id, batch.totals())
                 await self.journal.transition_batch(number, State.FINALIZED)
                 self.stats.finalized += 1
+                del self._open[number]
                 log.info("submitter: batch %d finalized", batch_id)
+            else:
+                self._open[number] = header.committed_at + self.challenge_window
 
     # -- restart ---------------------------------------------------------------------------------
 
@@ -285,6 +306,7 @@ class Submitter:
             root = (await self._build(entries)).payer_tree.root.hash
             if root in on_chain:
                 self.stats.ids[number] = on_chain[root]
+                self._open[number] = 0
                 if entries[0].state is State.BATCHED:
                     await self.journal.transition_batch(number, State.COMMITTED)
             elif entries[0].state is State.BATCHED:

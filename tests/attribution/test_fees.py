@@ -22,7 +22,7 @@ from attribution.storage import SqliteJournal, State
 from attribution.storage.entries import Usage
 from attribution.submitter import Submitter
 from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, import_file
-from tests.attribution.helpers import World
+from tests.attribution.helpers import CONFIG, World
 
 
 def test_fee_policy_bounds() -> None:
@@ -438,6 +438,42 @@ async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadlin
         await asyncio.wait_for(recovering, 30)
         assert await _commits(world) == 0  # the late commit never reached the chain
         assert (await journal.get(usage.digest)).state is State.REFUNDED
+    finally:
+        await journal.close()
+        await chain.close()
+
+
+async def test_finalize_reads_the_chain_only_for_batches_due(world: World, ipfs: LocalIpfsNode, tmp_path: Path) -> None:
+    """`finalize_due` runs after every record: it asks the chain about a committed batch once to learn when its
+    challenge window ends, then not again until then (or the periodic status read that notices a void), and
+    finalizes it once the window has passed. It used to read every open batch at every record."""
+    journal = await _journal(world, tmp_path / "journal.sqlite", n=2)
+    chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    submitter.challenge_window = CONFIG.challenge_window  # the deployment's
+    settlement = submitter.contracts.settlement
+    reads: list[int] = []
+    batch_of = settlement.batch_of
+
+    async def counted(batch_id: int):
+        reads.append(batch_id)
+        return await batch_of(batch_id)
+
+    settlement.batch_of = counted
+    try:
+        await submitter.commit_next()
+        await submitter.finalize_due()  # learns when the window ends
+        for _ in range(5):
+            await submitter.finalize_due()
+        assert len(reads) == 1
+        submitter.status_interval = 0  # the periodic read of every open batch
+        await submitter.finalize_due()
+        assert len(reads) == 2
+        submitter.status_interval = 30.0
+        await world.chain.increase_time(submitter.challenge_window + 1)
+        await submitter.finalize_due()
+        assert (await journal.depth())[State.FINALIZED] == 2 and submitter.stats.finalized == 1
+        await submitter.finalize_due()
+        assert len(reads) == 3  # a finalized batch is not asked about again
     finally:
         await journal.close()
         await chain.close()
