@@ -266,27 +266,26 @@ class Submitter:
         if read_all:
             self._statuses_read_at = self.clock()
         for number, window_ends in sorted(self._open.items()):
-            if not read_all and 0 < window_ends and now < window_ends:
+            if not read_all and now < window_ends:  # 0 (not read yet) is never in the future
                 continue
             batch_id = self.stats.ids[number]
             header = await self.contracts.settlement.batch_of(batch_id)
             if header.status == STATUS_VOIDED:
                 await self.journal.transition_batch(number, State.VOIDED)
                 self.stats.voided += 1
-                del self._open[number]
                 log.error("submitter: batch %d was voided on chain", batch_id)
             elif header.status == STATUS_FINALIZED:
                 await self.journal.transition_batch(number, State.FINALIZED)
-                del self._open[number]
             elif header.committed_at + self.challenge_window <= now:
                 batch = await self._build(await self.journal.batch(number))
                 await self.contracts.settlement.finalize_batch(self.sender, batch_id, batch.totals())
                 await self.journal.transition_batch(number, State.FINALIZED)
                 self.stats.finalized += 1
-                del self._open[number]
                 log.info("submitter: batch %d finalized", batch_id)
             else:
                 self._open[number] = header.committed_at + self.challenge_window
+                continue
+            del self._open[number]  # voided or finalized: settled
 
     # -- restart ---------------------------------------------------------------------------------
 
