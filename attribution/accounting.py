@@ -1,8 +1,9 @@
 """The node's side of protocol v2 for one request: authorise before generating, record before answering.
 
-`Accountant.authorise` runs the checks of `attribution.checks` (cheap ones first, chain reads last, the
-journal's atomic interval reservation at the very end, so a refused request reserves nothing) and returns a
-`Grant`. `Accountant.record` prices the answer with the terms the grant fixed, signs the usage record with
+`Accountant.precheck` runs the checks of `attribution.checks` that need no adapter (cheap ones first, then
+the signer's authorisation and the escrow, cached chain reads) before the node resolves the model name;
+`Accountant.grant` runs the adapter's and price checks and the journal's atomic interval reservation at the
+very end, so a refused request reserves nothing, and returns a `Grant`. `Accountant.record` prices the answer with the terms the grant fixed, signs the usage record with
 the node's key and appends it to the journal durably, and only then returns what the response carries. So:
 no record, no charge; no completed response without a durable record.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +65,31 @@ class Grant:
         return self.request.max_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A signed request whose checks that need no adapter passed (`Accountant.precheck`)."""
+
+    request: InferenceRequest
+    signature: Signature
+    signer: str
+    accepted_at: int
+
+
+@asynccontextmanager
+async def _chain_readable() -> AsyncIterator[None]:
+    """A chain read that fails inside is a retryable 503 refusal."""
+    try:
+        yield
+    except ChainError as exc:
+        raise RequestRefused(
+            "chain",
+            f"The chain cannot be read right now ({exc}); retry shortly.",
+            status=503,
+            code="chain_unavailable",
+            retryable=True,
+        ) from None
+
+
 class Accountant:
     """Authorises signed requests and records their answers for one node."""
 
@@ -102,29 +129,17 @@ class Accountant:
         adapter_cid: str | None,
         input_tokens: int,
     ) -> Grant:
-        """Runs every check; raises `RequestRefused` (nothing reserved, nothing charged) or returns the grant.
-        `model` is the name the body asks for, `adapter_cid` the CID it resolved to (None: the base model).
-        A chain that cannot be read is a retryable 503: serving blind could spend escrow that is not there."""
-        try:
-            return await self._authorise(request, signature, body, model, adapter_cid, input_tokens)
-        except ChainError as exc:
-            raise RequestRefused(
-                "chain",
-                f"The chain cannot be read right now ({exc}); retry shortly.",
-                status=503,
-                code="chain_unavailable",
-                retryable=True,
-            ) from None
+        """`precheck` then `grant`, for a request whose adapter is already resolved."""
+        return await self.grant(await self.precheck(request, signature, body, input_tokens), model, adapter_cid)
 
-    async def _authorise(
-        self,
-        request: InferenceRequest,
-        signature: Signature,
-        body: bytes,
-        model: str,
-        adapter_cid: str | None,
-        input_tokens: int,
-    ) -> Grant:
+    async def precheck(
+        self, request: InferenceRequest, signature: Signature, body: bytes, input_tokens: int
+    ) -> Admitted:
+        """The checks that need no adapter, run before the body's model name is resolved (a name can cost a
+        registry read and an IPFS fetch): the signature, this node, the deadline, the interval, the prompt
+        hash and input tokens, the signer's authorisation, and escrow enough for `maxCharge`. A key that
+        signs garbage, or a payer with no escrow here, is refused at the cost of at most two cached reads.
+        Raises `RequestRefused`; nothing is reserved."""
         now = int(self.clock())
         signer = checks.check_signature(request, signature, self.domain)
         checks.check_node(request, self.node)
@@ -132,39 +147,50 @@ class Accountant:
         checks.check_interval(request)
         checks.check_prompt_hash(request, body)
         checks.check_input_tokens(request, input_tokens)
-        if signer != request.payer:
-            checks.check_signer(
-                request, signer, await self.ledger.signer_status(request.payer, signer), now, self.commit_margin
-            )
-        adapter_id = BASE_MODEL_ADAPTER_ID
-        if adapter_cid is not None:
+        async with _chain_readable():
+            if signer != request.payer:
+                checks.check_signer(
+                    request, signer, await self.ledger.signer_status(request.payer, signer), now, self.commit_margin
+                )
+            await self._check_escrow(request)
+        return Admitted(request, signature, signer, now)
+
+    async def grant(self, admitted: Admitted, model: str, adapter_cid: str | None) -> Grant:
+        """The rest of the checks, once the name is resolved: `model` is the name the body asks for,
+        `adapter_cid` the CID it resolved to (None: the base model). Checks the signed adapter id and its
+        price, the escrow again (it may have been spent meanwhile), then reserves the request's interval
+        (the journal's atomic uniqueness check) and returns the grant. Raises `RequestRefused` (nothing
+        reserved, nothing charged). A chain that cannot be read is a retryable 503: serving blind could
+        spend escrow that is not there."""
+        request, now = admitted.request, admitted.accepted_at
+        async with _chain_readable():
+            adapter_id = BASE_MODEL_ADAPTER_ID
+            if adapter_cid is not None:
+                try:
+                    adapter_id = await self.ledger.adapter_id(adapter_cid)
+                except LookupError:
+                    raise RequestRefused(
+                        "adapter",
+                        f"The adapter {adapter_cid} is not registered on chain, so it cannot be paid for.",
+                        status=422,
+                        code="adapter_not_registered",
+                    ) from None
+            checks.check_adapter(request, adapter_id, model, adapter_cid)
             try:
-                adapter_id = await self.ledger.adapter_id(adapter_cid)
+                terms = await self.ledger.terms(adapter_id, self.node, now)
             except LookupError:
                 raise RequestRefused(
                     "adapter",
-                    f"The adapter {adapter_cid} is not registered on chain, so it cannot be paid for.",
+                    f"Adapter {adapter_id} is retired or has no terms in force.",
                     status=422,
-                    code="adapter_not_registered",
+                    code="adapter_retired",
                 ) from None
-        checks.check_adapter(request, adapter_id, model, adapter_cid)
-        try:
-            terms = await self.ledger.terms(adapter_id, self.node, now)
-        except LookupError:
-            raise RequestRefused(
-                "adapter",
-                f"Adapter {adapter_id} is retired or has no terms in force.",
-                status=422,
-                code="adapter_retired",
-            ) from None
-        checks.check_price(request, terms)
-        available = await self.ledger.escrow_available(request.payer, self.node)
-        uncommitted = await self.journal.uncommitted_charge(request.payer)
-        # No await between the escrow check and counting the grant in flight: two concurrent requests of
-        # one payer cannot both spend the same free escrow.
-        checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
-        self._in_flight[request.payer] = self._in_flight.get(request.payer, 0) + request.max_charge
-        grant = Grant(request, signature, signer, terms, now, adapter_cid or "")
+            checks.check_price(request, terms)
+            # No await between this escrow check and counting the grant in flight: two concurrent requests
+            # of one payer cannot both spend the same free escrow.
+            await self._check_escrow(request)
+            self._in_flight[request.payer] = self._in_flight.get(request.payer, 0) + request.max_charge
+        grant = Grant(request, admitted.signature, admitted.signer, terms, now, adapter_cid or "")
         try:
             await self.journal.reserve(request.payer, *request.interval)
         except IntervalConflict as exc:
@@ -180,6 +206,14 @@ class Accountant:
             self._release(grant)
             raise
         return grant
+
+    async def _check_escrow(self, request: InferenceRequest) -> None:
+        """The payer's free escrow with this node, less its charges not yet committed and its grants in
+        flight, covers `maxCharge`. Its last statement has no await after it: callers count the grant in
+        flight right after."""
+        available = await self.ledger.escrow_available(request.payer, self.node)
+        uncommitted = await self.journal.uncommitted_charge(request.payer)
+        checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
 
     def _release(self, grant: Grant) -> None:
         payer = grant.request.payer

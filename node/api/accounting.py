@@ -2,8 +2,9 @@
 
 A request is signed when it carries `X-OpenLoRA-Request` (the `InferenceRequest` in its JSON wire form) and
 `X-OpenLoRA-Signature` (0x r||s||v). `admit` reads them before the model name is resolved (refusing an
-unsigned request where signatures are required), `authorise` turns them into a `Grant` (or refuses with the
-check's status and code) before anything is generated; `record` signs and journals the answer's usage record
+unsigned request where signatures are required), `precheck` runs the checks that need no adapter, still before
+the name is resolved, and `authorise` turns the request into a `Grant` (or refuses with the check's status and
+code) before anything is generated; `record` signs and journals the answer's usage record
 before the response completes (docs/dapp.md).
 
 | node                  | unsigned request            | signed request                  |
@@ -19,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from aiohttp import web
 from eth_account import Account
 from eth_utils import is_hex_address, to_checksum_address
 
-from attribution.accounting import Accountant, Grant
+from attribution.accounting import Accountant, Admitted, Grant
 from attribution.checks import RequestRefused
 from attribution.errors import AttributionError, ChainError, SignatureError
 from attribution.signing import address_of
@@ -102,26 +103,40 @@ def admit(request: web.Request) -> tuple[InferenceRequest, Signature] | None:
     return signed
 
 
-async def authorise(
-    request: web.Request,
-    signed: tuple[InferenceRequest, Signature] | None,
-    body: bytes,
-    model: str,
-    adapter_cid: str | None,
-    is_adapter: bool,
-    input_tokens: int,
-) -> Grant | None:
-    """Phase 1 of a generation request, for what `admit` let through: the grant to serve it, or None to serve
-    it free (unsigned). Raises `RefusedError` when it must not be served."""
+async def precheck(
+    request: web.Request, signed: tuple[InferenceRequest, Signature] | None, body: bytes, input_tokens: int
+) -> Admitted | None:
+    """Phase 1a, for what `admit` let through, before the body's model name is resolved: the checks a signed
+    request passes without its adapter (`Accountant.precheck`), so a garbage signature or a payer with no
+    escrow here costs no name resolution. None for a request to serve free (unsigned)."""
     accountant = request.app.get(ACCOUNTANT)
     if accountant is None or signed is None:
+        return None
+    with _refusals(request):
+        return await accountant.precheck(*signed, body, input_tokens)
+
+
+async def authorise(
+    request: web.Request, admitted: Admitted | None, model: str, adapter_cid: str | None, is_adapter: bool
+) -> Grant | None:
+    """Phase 1b, once the name is resolved: the grant to serve a prechecked request, or None to serve it free
+    (unsigned). Raises `RefusedError` when it must not be served."""
+    accountant = request.app.get(ACCOUNTANT)
+    if accountant is None or admitted is None:
         return None
     if is_adapter and adapter_cid is None:
         raise RefusedError(
             422, "adapter_not_registered", "This adapter is not content-addressed, so it cannot be paid for on chain."
         )
+    with _refusals(request):
+        return await accountant.grant(admitted, model, adapter_cid)
+
+
+@contextlib.contextmanager
+def _refusals(request: web.Request) -> Iterator[None]:
+    """A check's refusal becomes the API's error, counted by its code."""
     try:
-        return await accountant.authorise(*signed, body, model, adapter_cid, input_tokens)
+        yield
     except RequestRefused as exc:
         request.app[METRICS].refusals.labels(exc.code).inc()
         raise RefusedError.of(exc) from None

@@ -260,7 +260,9 @@ async def _complete(
     """The phases of a generation request: authorise -> generate -> record -> respond.
 
     Authorising opens with the headers alone (`accounting.admit`: an unsigned request a node refuses costs no
-    name resolution and no chain read), then tokenizes (the signed inputTokens is checked against it). The
+    name resolution and no chain read), then tokenizes (the signed inputTokens is checked against it) and runs the
+    checks that need no adapter (`accounting.precheck`: a garbage signature or a payer without escrow here costs
+    no name resolution, which can read the registry and fetch from IPFS) before resolving the name. The
     record is signed and journaled before the response completes: in the body of a non-streaming answer, as
     the last event before `[DONE]` of a stream. A stream whose client leaves midway is recorded for the tokens
     already sent; a request that ends before any token reached the client is not recorded and costs nothing."""
@@ -271,9 +273,10 @@ async def _complete(
     adapter = None if req.model == engine.model_name else req.model
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
+    admitted = await accounting.precheck(request, signed, raw, len(prompt_ids))  # before the name: see below
     resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
     grant = await accounting.authorise(
-        request, signed, raw, req.model, resolved.cid if resolved else None, adapter is not None, len(prompt_ids)
+        request, admitted, req.model, resolved.cid if resolved else None, adapter is not None
     )
     if grant is not None:
         max_tokens = min(max_tokens, grant.max_tokens)

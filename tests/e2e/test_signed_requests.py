@@ -227,6 +227,34 @@ async def test_unsigned_requests_read_nothing_on_chain(net: LocalNetwork) -> Non
         assert reads(calls) != []
 
 
+async def test_signed_garbage_resolves_no_name(net: LocalNetwork) -> None:
+    """A signed request whose checks fail without its adapter (a key the payer never authorised, a throwaway
+    payer with no escrow here) is refused before the node resolves its model name: naming fresh unknown
+    adapters costs no registry read, only the cached signer and escrow reads."""
+    contracts = net.app[ACCOUNTANT].ledger.contracts
+    registry = contracts.adapters.address.lower()
+
+    def registry_reads(calls: list[dict]) -> list[dict]:
+        return [c for c in calls if c["method"] == "eth_call" and c["params"][0]["to"].lower() == registry]
+
+    stranger = address_of(STRANGER_KEY)
+    async with counted_rpc(net) as calls:
+        for i in range(10):
+            payload = body(net, model=f"squat-{i}-{time.time_ns()}")
+            payload, headers = await signed(net, payload, key=STRANGER_KEY)  # for the payer, by a stranger
+            status, answer = await post(net, payload, headers)
+            assert (status, answer["error"]["code"]) == (401, "signer_not_authorized"), answer
+            payload, headers = await signed(net, payload, key=STRANGER_KEY, payer=stranger)  # its own, unfunded
+            status, answer = await post(net, payload, headers)
+            assert (status, answer["error"]["code"]) == (402, "insufficient_escrow"), answer
+        assert registry_reads(calls) == []
+        # The same request from the funded payer does resolve the name (and finds none): the proxy sees it.
+        payload, headers = await signed(net, body(net, model=f"unknown-{time.time_ns()}"))
+        status, answer = await post(net, payload, headers)
+        assert (status, answer["error"]["code"]) == (404, "model_not_found"), answer
+        assert registry_reads(calls) != []
+
+
 async def test_replay_refused_also_after_a_restart(net: LocalNetwork) -> None:
     payload, headers = await signed(net, body(net))
     assert (await post(net, payload, headers))[0] == 200
