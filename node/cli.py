@@ -29,7 +29,7 @@ SERVE_FLAGS = (
     "max_num_seqs", "num_kv_blocks", "kv_block_size", "max_model_len", "max_prefill_tokens", "prefix_caching",
     "engine", "engine_url", "engine_args", "vllm_python", "vllm_start_timeout", "default_max_tokens",
     "max_body_bytes", "adapters_dir", "max_loras", "max_lora_rank", "host_adapters",
-    "max_adapter_bytes", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
+    "max_adapter_bytes", "model_lookups_per_s", "ipfs_gateways", "ipfs_api_url", "local_ipfs", "adapter_index", "adapter_cache_bytes",
     "ipfs_timeout", "chain_rpc_url", "deployments", "node_keystore", "node_key_password_file", "node_address",
     "allow_unsigned", "journal_path", "batch_max_records", "batch_interval", "confirmations",
     "tx_replace_after", "tx_fee_bump", "tx_max_fee_gwei", "kernel_cache", "kernel_cflags", "force_triton",

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, le=256)
     host_adapters: int = Field(64, ge=1, description="adapters kept validated in host memory (LRU)")
     max_adapter_bytes: int = Field(256 << 20, ge=1, description="largest adapter accepted (download and weights)")
+    model_lookups_per_s: float = Field(
+        5.0,
+        ge=0,
+        description="GET /v1/models/<name> lookups of names not answered in the last minute, per second for "
+        "the node (burst 4x; 0: no limit); more get 429",
+    )
 
     # IPFS (content-addressed adapters)
     ipfs_gateways: list[str] = Field(

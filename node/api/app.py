@@ -16,7 +16,8 @@ from node.api.accounting import attribution_info, model_terms, open_accounting, 
 from node.api.adapters import resolve_adapter
 from node.api.errors import error_middleware
 from node.api.generation import chat_completions, completions
-from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, LOOKUPS, METRICS, OPENAPI, SETTINGS, STARTED_AT
+from node.api.lookups import LookupLimiter
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[OPENAPI] = build_openapi()
+    app[LOOKUPS] = LookupLimiter(settings.model_lookups_per_s)
     app.cleanup_ctx.append(_local_ipfs)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_adapters)
@@ -183,13 +185,17 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     """The answer a generation request naming this model would get: an adapter is fetched, verified
-    and validated as for one (404 if no source has it, 400 `adapter_invalid`, 503 while unavailable)."""
+    and validated as for one (404 if no source has it, 400 `adapter_invalid`, 503 while unavailable).
+    Lookups of names not answered lately are rate-limited (429, `node/api/lookups.py`): this is public."""
     name = request.match_info["model"]
     engine = request.app[ENGINE]
     if name != engine.model_name:
+        lookups = request.app[LOOKUPS]
+        lookups.admit(name)
         key = (await resolve_adapter(request.app, name)).key
         adapters = request.app[ADAPTERS]
         adapters.release(await adapters.acquire(key))
+        lookups.answered(name)
     return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 

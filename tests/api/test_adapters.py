@@ -56,3 +56,20 @@ async def test_unknown_adapter_is_model_not_found(client: openai.AsyncOpenAI):
     with pytest.raises(openai.NotFoundError) as info:
         await client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}])
     assert (info.value.code, info.value.param) == ("model_not_found", "model")
+
+
+async def test_public_lookups_of_new_names_are_rate_limited(tiny_model_dir, adapters_dir):
+    """GET /v1/models/<name> is public: names not answered lately draw from one bucket (1/s, burst 4 here), an
+    empty one answers 429 with Retry-After, and a name answered lately (a dApp polling its card) still answers."""
+    async with serve_node(tiny_model_dir, adapters_dir=str(adapters_dir), model_lookups_per_s=1) as n:
+        async with openai.AsyncOpenAI(base_url=f"{n.url}/v1", api_key="x", max_retries=0) as client:
+            assert (await client.models.retrieve("alpha")).id == "alpha"  # one token
+            for i in range(3):  # the burst's other three
+                with pytest.raises(openai.NotFoundError):
+                    await client.models.retrieve(f"fresh-{i}")
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.models.retrieve("fresh-3")
+            assert info.value.code == "rate_limit_exceeded"
+            assert int(info.value.response.headers["Retry-After"]) >= 1
+            assert (await client.models.retrieve("alpha")).id == "alpha"  # answered lately: no token
+            assert (await client.models.retrieve(MODEL)).id == MODEL  # the base model: never limited
