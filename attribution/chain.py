@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
@@ -299,6 +301,11 @@ class OpenTokenClient(ContractClient):
         return await self._send(sender, "transfer", to, amount)
 
 
+def name_commitment(name: str, adapter_id: int, salt: bytes) -> bytes:
+    """What `AdapterRegistry.commitName` takes to claim `name` for `adapter_id`: keccak256(abi.encode(...))."""
+    return keccak(abi_encode(["string", "uint64", "bytes32"], [name, adapter_id, salt]))
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     owner: str
@@ -338,9 +345,39 @@ class AdapterRegistryClient(ContractClient):
     async def transfer_ownership(self, sender: LocalAccount, adapter_id: int, new_owner: str) -> TxReceipt:
         return await self._send(sender, "transferAdapterOwnership", adapter_id, new_owner)
 
-    async def set_name(self, sender: LocalAccount, name: str, adapter_id: int) -> TxReceipt:
-        """Points `name` at `adapter_id` (owned by `sender`): a new name, or one of `sender`'s moved to a new version."""
-        return await self._send(sender, "setName", name, adapter_id)
+    async def claim_name(
+        self, sender: LocalAccount, name: str, adapter_id: int, poll: float = 1.0, timeout: float | None = None
+    ) -> TxReceipt:
+        """Points `name` at `adapter_id` (owned by `sender`). A name `sender` already holds is moved at once; a
+        free one is committed to, then claimed once the chain's clock has passed `nameCommitDelay` (commit and
+        reveal: a claim seen in the mempool cannot be taken first). ChainError if the chain's latest block
+        does not reach that time within `timeout` seconds (default: the delay and 10 minutes more; a dev chain
+        that mines only on demand never does)."""
+        if await self.adapter_id_by_name(name) != 0:
+            return await self.set_name(sender, name, adapter_id)
+        salt = secrets.token_bytes(32)
+        receipt = await self.commit_name(sender, name_commitment(name, adapter_id, salt))
+        committed_at = (await self.chain.w3.eth.get_block(receipt["blockNumber"]))["timestamp"]
+        delay = await self.name_commit_delay()
+        ready = committed_at + delay
+        give_up = time.monotonic() + (delay + 600 if timeout is None else timeout)
+        while await self.chain.timestamp() < ready:  # the latest block's: gas is estimated on it
+            if time.monotonic() > give_up:
+                raise ChainError(f"the chain's clock did not reach {ready} to claim the name {name!r}")
+            await asyncio.sleep(poll)
+        return await self.set_name(sender, name, adapter_id, salt)
+
+    async def commit_name(self, sender: LocalAccount, commitment: bytes) -> TxReceipt:
+        """Step one of claiming a free name: `commitment` is `name_commitment(name, adapter_id, salt)`."""
+        return await self._send(sender, "commitName", commitment)
+
+    async def set_name(self, sender: LocalAccount, name: str, adapter_id: int, salt: bytes = bytes(32)) -> TxReceipt:
+        """Step two (a free name: `salt` of its commitment, made at least `nameCommitDelay` ago), or a move of a
+        name `sender`'s adapter holds to another adapter of `sender`'s (`salt` unused)."""
+        return await self._send(sender, "setName", name, adapter_id, salt)
+
+    async def name_commit_delay(self) -> int:
+        return await self._call("nameCommitDelay")
 
     async def adapter_id_by_name(self, name: str) -> int:
         return await self._call("adapterIdByName", name)

@@ -47,6 +47,7 @@ class DeployConfig:
     thaw_period: int = 3 * DAY  # must exceed max_request_ttl + max_commit_delay
     unbonding_delay: int = 7 * DAY  # must exceed challenge_window
     notice_period: int = 2 * 3_600  # signer revocations, prices, fees; must exceed max_request_ttl + max_commit_delay
+    name_commit_delay: int = 60  # between committing to a free adapter name and claiming it (front-running)
     max_request_ttl: int = 600  # a record is served within [deadline - ttl, deadline]
     max_commit_delay: int = 3_600  # and committed at most this long after the deadline
     protocol_fee_bps: int = 250
@@ -146,7 +147,9 @@ async def deploy_contracts(chain: Chain, deployer_private_key: str, config: Depl
     else:
         contracts["OpenToken"] = to_checksum_address(config.token)
     token = contracts["OpenToken"]
-    contracts["AdapterRegistry"] = await chain.deploy(deployer, "AdapterRegistry", config.notice_period)
+    contracts["AdapterRegistry"] = await chain.deploy(
+        deployer, "AdapterRegistry", config.notice_period, config.name_commit_delay
+    )
     nonce = await chain.w3.eth.get_transaction_count(deployer.address, "pending")
     settlement = create_address(deployer.address, nonce + 2)
     contracts["NodeRegistry"] = await chain.deploy(

@@ -40,6 +40,7 @@ DEVNET_CONFIG = {
     "max_request_ttl": 300,
     "max_commit_delay": 600,
     "notice_period": 1_200,
+    "name_commit_delay": 0,  # one user, no mempool to read: claims need no wait (anvil mines on demand)
     "thaw_period": 1_200,
     "unbonding_delay": 600,
     "min_stake": 100 * OPEN,
@@ -130,7 +131,7 @@ async def _publish_demo_adapters(
                     owner, cid, base_model, demo.price_in, demo.price_out, contributors, demo.shares_bps
                 )
             if await c.adapters.adapter_id_by_name(demo.name) != adapter_id:  # the registry's name for it
-                await c.adapters.set_name(owner, demo.name, adapter_id)
+                await c.adapters.claim_name(owner, demo.name, adapter_id)
             cids[demo.name] = cid
     finally:
         await chain.close()

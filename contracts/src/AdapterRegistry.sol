@@ -8,12 +8,16 @@ pragma solidity 0.8.30;
 /// version that takes effect `noticePeriod` seconds later, and a usage record is priced and split by the
 /// version in force at its `servedAt` ({versionAt}). Retiring appends a final version that serves nothing.
 /// A *name* (what a request's `model` says) points at one adapter; its owner can move it to another adapter
-/// it owns, e.g. a new version of the adapter registered under its new CID ({setName}).
+/// it owns, e.g. a new version of the adapter registered under its new CID ({setName}). A free name is
+/// claimed in two steps, commit then reveal ({commitName}, {setName} at least `nameCommitDelay` later), so
+/// nobody who sees the claim in the mempool can take the name first: their own commitment would be too new.
 contract AdapterRegistry {
     /// @notice Upper bound on contributors per adapter: keeps revenue distribution a bounded loop.
     uint256 public constant MAX_CONTRIBUTORS = 16;
     /// @notice Longest adapter name, in bytes.
     uint256 public constant MAX_NAME_LENGTH = 64;
+    /// @notice How long a name commitment stays usable (seconds).
+    uint64 public constant NAME_COMMIT_LIFETIME = 1 days;
     uint256 private constant _TOTAL_BPS = 10_000;
 
     struct Terms {
@@ -33,12 +37,16 @@ contract AdapterRegistry {
 
     /// @notice Delay between a terms change and the moment it takes effect (seconds).
     uint64 public immutable noticePeriod;
+    /// @notice Shortest time between committing to a free name and claiming it (seconds): longer than a
+    /// transaction can be held back from a block, so a claim seen in the mempool cannot be front-run.
+    uint64 public immutable nameCommitDelay;
 
     uint64 private _adapterCount;
     mapping(uint64 adapterId => Adapter) private _adapters;
     mapping(uint64 adapterId => Terms[]) private _terms;
     mapping(bytes32 cidHash => uint64 adapterId) private _idByCid;
     mapping(bytes32 nameHash => uint64 adapterId) private _idByName;
+    mapping(address committer => mapping(bytes32 commitment => uint64 committedAt)) private _nameCommits;
 
     event AdapterRegistered(uint64 indexed adapterId, address indexed owner, string cid, bytes32 baseModel);
     event AdapterTermsUpdated(
@@ -67,9 +75,11 @@ contract AdapterRegistry {
     error AdapterRegistryZeroOwner();
     error AdapterRegistryBadName(string name);
     error AdapterRegistryNameTaken(string name, uint64 adapterId);
+    error AdapterRegistryNameNotCommitted(string name, uint64 committedAt);
 
-    constructor(uint64 noticePeriod_) {
+    constructor(uint64 noticePeriod_, uint64 nameCommitDelay_) {
         noticePeriod = noticePeriod_;
+        nameCommitDelay = nameCommitDelay_;
     }
 
     /// @notice Registers an adapter owned by the caller. Version 0 of its terms is in force immediately.
@@ -144,15 +154,36 @@ contract AdapterRegistry {
         emit AdapterOwnershipTransferred(adapterId, previous, newOwner);
     }
 
+    /// @notice First step of claiming a free name: records `commitment` ({nameCommitment}) for the caller.
+    /// It reveals nothing of the name; committing again restarts its clock.
+    function commitName(bytes32 commitment) external {
+        _nameCommits[msg.sender][commitment] = uint64(block.timestamp);
+    }
+
+    /// @notice What {commitName} takes to claim `name` for `adapterId`, with a secret random `salt`.
+    function nameCommitment(string calldata name, uint64 adapterId, bytes32 salt) public pure returns (bytes32) {
+        return keccak256(abi.encode(name, adapterId, salt));
+    }
+
     /// @notice Points `name` at `adapterId`, which the caller owns and has not retired. A free name goes to
-    /// whoever sets it first; a bound name can only be moved by the owner of the adapter it points to.
+    /// the first caller who committed to it ({commitName}) between `nameCommitDelay` and
+    /// `NAME_COMMIT_LIFETIME` seconds ago (the commitment is used up); a bound name can only be moved by the
+    /// owner of the adapter it points to, with no commitment (`salt` is not read).
     /// @param name 1 to 64 bytes of `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
-    function setName(string calldata name, uint64 adapterId) external {
+    function setName(string calldata name, uint64 adapterId, bytes32 salt) external {
         _latestActive(adapterId);
         _checkName(name);
         bytes32 nameHash = keccak256(bytes(name));
         uint64 previous = _idByName[nameHash];
-        if (previous != 0 && previous != adapterId && _adapters[previous].owner != msg.sender) {
+        if (previous == 0) {
+            bytes32 commitment = nameCommitment(name, adapterId, salt);
+            uint64 committedAt = _nameCommits[msg.sender][commitment];
+            if (
+                committedAt == 0 || block.timestamp < uint256(committedAt) + nameCommitDelay
+                    || block.timestamp > uint256(committedAt) + NAME_COMMIT_LIFETIME
+            ) revert AdapterRegistryNameNotCommitted(name, committedAt);
+            delete _nameCommits[msg.sender][commitment];
+        } else if (previous != adapterId && _adapters[previous].owner != msg.sender) {
             revert AdapterRegistryNameTaken(name, previous);
         }
         _idByName[nameHash] = adapterId;

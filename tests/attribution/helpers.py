@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from web3.types import TxReceipt
 
 from attribution.aggregation import (
     Batch,
@@ -24,7 +25,7 @@ from attribution.aggregation import (
     price,
     sorted_leaves,
 )
-from attribution.chain import Chain
+from attribution.chain import Chain, name_commitment
 from attribution.deploy import Contracts, DeployConfig, Deployments, deploy_contracts
 from attribution.errors import ContractRevert
 from attribution.merkle import SumNode, SumTree, depth_for, parent
@@ -185,6 +186,15 @@ async def setup_world(chain: Chain, keys: list[str]) -> Deployments:
                               [world.owner.address], list(SPLITS[2]))
     await chain.increase_time(100)  # records served "one second ago" then postdate every registration
     return deployments
+
+
+async def claim(world: World, sender: LocalAccount, name: str, adapter_id: int) -> TxReceipt:
+    """`sender` claims the free `name` for `adapter_id`: commit, move the dev chain's clock past the commit
+    delay, reveal (what `claim_name` does waiting in real time)."""
+    salt = secrets.token_bytes(32)
+    await world.c.adapters.commit_name(sender, name_commitment(name, adapter_id, salt))
+    await world.chain.increase_time(CONFIG.name_commit_delay)
+    return await world.c.adapters.set_name(sender, name, adapter_id, salt)
 
 
 @contextlib.contextmanager

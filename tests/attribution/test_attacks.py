@@ -9,7 +9,7 @@ import pytest
 from eth_account import Account
 
 from attribution.aggregation import Tree, build_batch, price
-from attribution.chain import challenge_commitment
+from attribution.chain import challenge_commitment, name_commitment
 from attribution.deploy import create_address
 from attribution.errors import ChainError
 from attribution.types import intervals_overlap
@@ -423,3 +423,54 @@ def test_threat_table_names_only_tests_that_exist() -> None:
         defined |= set(re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M))
     assert cited and cited <= defined, sorted(cited - defined)
 
+
+# ---------------------------------------------------------------- names: a claim seen in the mempool
+
+
+async def test_front_running_a_name_claim_takes_nothing(world: World) -> None:
+    """The owner's claim of a free name sits in the mempool; an attacker who reads it commits to the name and
+    claims it for its own adapter, both at a higher price, so mined first in the same block. With first come,
+    first served the attacker would hold the name (and dApps asking for it would sign the attacker's adapter);
+    with commit-reveal its commitment is too new and the owner's claim lands."""
+    a, owner, attacker, chain = world.c.adapters, world.owner, world.stranger, world.chain
+    w3 = chain.w3
+    theirs = await a.register(attacker, "bafy-squatter", bytes(32), 1, 1, [attacker.address], [10_000])
+    salt = secrets.token_bytes(32)
+    await a.commit_name(owner, name_commitment("sql-expert", 1, salt))
+    await chain.increase_time(CONFIG.name_commit_delay)
+    attacker_salt = secrets.token_bytes(32)
+    price = await w3.eth.gas_price
+    calls = [  # (sender, call, gas price): the owner's claim, then the attacker's reply to it
+        (owner, a.contract.functions.setName("sql-expert", 1, salt), price),
+        (attacker, a.contract.functions.commitName(name_commitment("sql-expert", theirs, attacker_salt)), 3 * price),
+        (attacker, a.contract.functions.setName("sql-expert", theirs, attacker_salt), 2 * price),
+    ]
+    nonces = {s.address: await w3.eth.get_transaction_count(s.address) for s in (owner, attacker)}
+    await chain.rpc("evm_setAutomine", [False])
+    try:
+        hashes = []
+        for sender, fn, gas_price in calls:
+            tx = {
+                "from": sender.address,
+                "to": a.address,
+                "data": fn._encode_transaction_data(),
+                "value": 0,
+                "chainId": chain.chain_id,
+                "nonce": nonces[sender.address],
+                "gas": 300_000,
+                "gasPrice": gas_price,
+            }
+            nonces[sender.address] += 1
+            hashes.append(await w3.eth.send_raw_transaction(Account.sign_transaction(tx, sender.key).raw_transaction))
+        await chain.rpc("evm_mine")
+    finally:
+        await chain.rpc("evm_setAutomine", [True])
+    claim, commit, squat = [await w3.eth.wait_for_transaction_receipt(h) for h in hashes]
+    assert claim["blockNumber"] == commit["blockNumber"] == squat["blockNumber"]
+    assert squat["transactionIndex"] < claim["transactionIndex"]  # the attacker was mined first...
+    assert (commit["status"], squat["status"], claim["status"]) == (1, 0, 1)  # ...and took nothing
+    assert await a.adapter_id_by_name("sql-expert") == 1
+    # Later, its commitment ripe, the attacker still cannot take a bound name.
+    await chain.increase_time(CONFIG.name_commit_delay)
+    with reverts("AdapterRegistryNameTaken"):
+        await a.set_name(attacker, "sql-expert", theirs, attacker_salt)

@@ -11,7 +11,7 @@ from attribution.deploy import Contracts
 from attribution.devchain import free_port
 from attribution.errors import ChainError
 from attribution.ledger import ChainLedger
-from tests.attribution.helpers import CONFIG, World
+from tests.attribution.helpers import CONFIG, World, claim
 
 
 class Clock:
@@ -79,7 +79,7 @@ async def test_registry_names_and_ids_follow_the_chain_after_the_ttl(world: Worl
     ledger = ChainLedger(world.c, ttl=2.0, clock=clock)
     a, owner = world.c.adapters, world.owner
     now = await world.chain.timestamp()
-    await a.set_name(owner, "demo", 1)
+    await claim(world, owner, "demo", 1)
     assert await ledger.adapter_id_by_name("demo") == 1
     assert await ledger.registered_cid(1, now) == "bafy-adapter-one"
     assert await ledger.adapter_id_by_name("nobody") == 0

@@ -3,11 +3,16 @@ each custom-error revert; thaw, unbonding and notice periods enforced in time.""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
 from attribution.aggregation import build_batch
-from tests.attribution.helpers import CONFIG, DEPOSIT, NODE_FEE, NODE_STAKE, PRICES, World, reverts
+from attribution.chain import name_commitment
+from attribution.errors import ChainError
+from tests.attribution.helpers import CONFIG, DEPOSIT, NODE_FEE, NODE_STAKE, PRICES, World, claim, reverts
 
 E18 = 10**18
 
@@ -99,39 +104,114 @@ async def test_adapter_names(world: World) -> None:
     nobody else can take it; the name rule holds at its bounds."""
     a, owner, s = world.c.adapters, world.owner, world.stranger
     assert await a.adapter_id_by_name("demo") == 0
-    receipt = await a.set_name(owner, "demo", 1)
+    receipt = await claim(world, owner, "demo", 1)
     assert a.events(receipt, "AdapterNamed")[0] == {"name": "demo", "adapterId": 1, "previousAdapterId": 0}
     assert await a.adapter_id_by_name("demo") == 1 and await a.adapter_id_by_name("Demo") == 0
-    receipt = await a.set_name(owner, "demo", 2)  # the owner's next version
+    receipt = await a.set_name(owner, "demo", 2)  # the owner's next version: a move needs no commitment
     assert a.events(receipt, "AdapterNamed")[0]["previousAdapterId"] == 1
     assert await a.adapter_id_by_name("demo") == 2
     mine = await a.register(s, "bafy-stranger", bytes(32), 1, 1, [s.address], [10_000])
     with reverts("AdapterRegistryNameTaken") as taken:
-        await a.set_name(s, "demo", mine)
+        await claim(world, s, "demo", mine)
     assert taken.value.error_args == ("demo", 2)
     with reverts("AdapterRegistryNotOwner"):
-        await a.set_name(s, "other", 1)
+        await claim(world, s, "other", 1)
     with reverts("AdapterRegistryUnknownAdapter"):
-        await a.set_name(owner, "other", 99)
+        await claim(world, owner, "other", 99)
     longest = "a" + "-._9Z" * 12 + "xyz"  # 64 bytes
-    await a.set_name(s, longest, mine)
+    await claim(world, s, longest, mine)
     assert await a.adapter_id_by_name(longest) == mine
     for bad in ("", longest + "b", "-lead", ".lead", "_lead", "sp ace", "sla/sh", "colon:1", "ü"):
         with reverts("AdapterRegistryBadName"):
-            await a.set_name(s, bad, mine)
+            await claim(world, s, bad, mine)
     await a.transfer_ownership(owner, 2, s.address)  # the name follows the adapter it points to
     await a.set_name(s, "demo", mine)
     assert await a.adapter_id_by_name("demo") == mine
     await a.retire(s, mine)
     with reverts("AdapterRegistryRetired"):
-        await a.set_name(s, "fresh", mine)
+        await claim(world, s, "fresh", mine)
+
+
+async def test_claim_name_waits_for_the_chains_clock(world: World) -> None:
+    """`claim_name` commits, waits until the chain's latest block is `nameCommitDelay` past the commitment
+    (here: the test moves the dev chain's clock), then claims; on a chain whose clock stops it gives up."""
+    a, chain = world.c.adapters, world.chain
+    with pytest.raises(ChainError, match="did not reach"):
+        await a.claim_name(world.owner, "stopped", 1, poll=0.01, timeout=0.3)
+    task = asyncio.create_task(a.claim_name(world.owner, "waited", 1, poll=0.01))
+    while not task.done():
+        await asyncio.sleep(0.1)
+        await chain.increase_time(CONFIG.name_commit_delay // 4)
+    receipt = await task
+    assert a.events(receipt, "AdapterNamed")[0]["adapterId"] == 1
+    assert await a.adapter_id_by_name("waited") == 1
+    assert (await a.claim_name(world.owner, "waited", 2)).status == 1  # held: a move, at once
+
+
+async def set_name_at(world: World, timestamp: int, sender, name: str, adapter_id: int, salt: bytes) -> int:
+    """Sends `setName` with a fixed gas limit (no estimate, which would run at another time) in a block at
+    `timestamp`; returns the receipt's status (1 claimed, 0 reverted)."""
+    chain, a = world.chain, world.c.adapters
+    data = a.contract.functions.setName(name, adapter_id, salt)._encode_transaction_data()
+    tx = {"from": sender.address, "to": a.address, "data": data, "value": 0, "chainId": chain.chain_id,
+          "nonce": await chain.w3.eth.get_transaction_count(sender.address), "gas": 300_000,
+          "gasPrice": await chain.w3.eth.gas_price}  # fmt: skip
+    await chain.rpc("evm_setNextBlockTimestamp", [timestamp])
+    sent = await chain.w3.eth.send_raw_transaction(Account.sign_transaction(tx, sender.key).raw_transaction)
+    receipt = await chain.w3.eth.wait_for_transaction_receipt(sent)
+    assert (await chain.w3.eth.get_block(receipt["blockNumber"]))["timestamp"] == timestamp
+    return receipt["status"]
+
+
+async def test_a_free_name_needs_a_ripe_commitment_of_the_claimer(world: World) -> None:
+    """Claiming a free name takes the claimer's own commitment to (name, adapter, salt), at least
+    `nameCommitDelay` and at most a day old; the contract's commitment hash is ours."""
+    a, owner, s, chain = world.c.adapters, world.owner, world.stranger, world.chain
+    salt = b"\x07" * 32
+    commitment = name_commitment("ripe", 1, salt)
+    assert await a._call("nameCommitment", "ripe", 1, salt) == commitment
+    with reverts("AdapterRegistryNameNotCommitted") as info:  # no commitment at all
+        await a.set_name(owner, "ripe", 1, salt)
+    assert info.value.error_args == ("ripe", 0)
+    committed_at = (await chain.w3.eth.get_block((await a.commit_name(owner, commitment))["blockNumber"]))["timestamp"]
+    delay = await a.name_commit_delay()
+    assert delay == CONFIG.name_commit_delay > 0
+    # The owner's commitment copied from the mempool is of no use to another account, even ripe: it commits to
+    # the owner's adapter, and the stranger's claim for its own adapter hashes to another commitment.
+    mine = await a.register(s, "bafy-ripe-stranger", bytes(32), 1, 1, [s.address], [10_000])
+    await a.commit_name(s, commitment)
+    wrongs = (
+        (owner, "ripe", 1, b"\x08" * 32),  # another salt
+        (owner, "ripe", 2, salt),  # another adapter of the same owner
+        (owner, "ripE", 1, salt),  # another name
+        (s, "ripe", mine, salt),  # the stranger, with the copied commitment
+    )
+    for offset, wrong in enumerate(wrongs):  # all ripe: time is not what refuses them
+        assert await set_name_at(world, committed_at + delay + offset, *wrong) == 0, wrong
+    assert await set_name_at(world, committed_at + delay + len(wrongs), owner, "ripe", 1, salt) == 1
+    assert await a.adapter_id_by_name("ripe") == 1
+    await a.set_name(owner, "ripe", 2, salt)  # bound: the owner moves it, no commitment read
+    edge = name_commitment("edge", 1, salt)  # the delay's boundary, to the second
+    committed_at = (await chain.w3.eth.get_block((await a.commit_name(owner, edge))["blockNumber"]))["timestamp"]
+    assert await set_name_at(world, committed_at + delay - 1, owner, "edge", 1, salt) == 0
+    assert await set_name_at(world, committed_at + delay, owner, "edge", 1, salt) == 1
+    stale = name_commitment("stale", 1, salt)
+    committed_at = (await chain.w3.eth.get_block((await a.commit_name(owner, stale))["blockNumber"]))["timestamp"]
+    assert await set_name_at(world, committed_at + 86_400 + 1, owner, "stale", 1, salt) == 0  # a day and a second
+    committed_at = (await chain.w3.eth.get_block((await a.commit_name(owner, stale))["blockNumber"]))["timestamp"]
+    assert await set_name_at(world, committed_at + 86_400, owner, "stale", 1, salt) == 1  # committed again: a day
+    assert await a.adapter_id_by_name("stale") == 1
 
 
 async def test_node_register_and_settings(world: World) -> None:
     n, node = world.c.nodes, world.node
     info = await n.node_of(node.address)
     assert (info.registered, info.signer, info.stake, info.endpoint) == (
-        True, world.node_signer.address, NODE_STAKE, "http://node.test")
+        True,
+        world.node_signer.address,
+        NODE_STAKE,
+        "http://node.test",
+    )
     assert await n.is_active(node.address) and not await n.is_active(world.stranger.address)
     await n.set_signer(node, world.stranger.address)
     await n.set_endpoint(node, "https://node.example/v1")
@@ -155,8 +235,14 @@ async def test_node_reverts(world: World) -> None:
         await n.register(s, "0x" + "00" * 20, "", 1, NODE_STAKE)
     with reverts("NodeRegistryStakeBelowMinimum"):
         await n.register(s, s.address, "", 1, CONFIG.min_stake - 1)
-    for call in (n.add_stake(s, 1), n.set_signer(s, s.address), n.set_endpoint(s, "x"), n.set_fee(s, 1),
-                 n.unbond(s, 1), n.withdraw_unbonded(s)):
+    for call in (
+        n.add_stake(s, 1),
+        n.set_signer(s, s.address),
+        n.set_endpoint(s, "x"),
+        n.set_fee(s, 1),
+        n.unbond(s, 1),
+        n.withdraw_unbonded(s),
+    ):
         with reverts("NodeRegistryNotRegistered"):
             await call
     with reverts("NodeRegistryZeroAmount"):
@@ -205,21 +291,39 @@ async def test_escrow_deposits(world: World) -> None:
     deadline = await world.chain.timestamp() + 3600
     permit = {
         "types": {
-            "EIP712Domain": [{"name": "name", "type": "string"}, {"name": "version", "type": "string"},
-                             {"name": "chainId", "type": "uint256"}, {"name": "verifyingContract", "type": "address"}],
-            "Permit": [{"name": "owner", "type": "address"}, {"name": "spender", "type": "address"},
-                       {"name": "value", "type": "uint256"}, {"name": "nonce", "type": "uint256"},
-                       {"name": "deadline", "type": "uint256"}],
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "Permit": [
+                {"name": "owner", "type": "address"},
+                {"name": "spender", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+            ],
         },
         "primaryType": "Permit",
-        "domain": {"name": "OpenLoRA Token", "version": "1", "chainId": world.chain.chain_id,
-                   "verifyingContract": token.address},
-        "message": {"owner": s.address, "spender": e.address, "value": 10 * E18,
-                    "nonce": await token.nonces(s.address), "deadline": deadline},
+        "domain": {
+            "name": "OpenLoRA Token",
+            "version": "1",
+            "chainId": world.chain.chain_id,
+            "verifyingContract": token.address,
+        },
+        "message": {
+            "owner": s.address,
+            "spender": e.address,
+            "value": 10 * E18,
+            "nonce": await token.nonces(s.address),
+            "deadline": deadline,
+        },
     }
     signed = Account.sign_message(encode_typed_data(full_message=permit), s.key)
-    await e.deposit_with_permit(s, node, 10 * E18, deadline, signed.v, signed.r.to_bytes(32, "big"),
-                                signed.s.to_bytes(32, "big"))
+    await e.deposit_with_permit(
+        s, node, 10 * E18, deadline, signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
+    )
     assert (await e.account_of(s.address, node)).balance == 10 * E18
 
 

@@ -353,7 +353,7 @@ async def test_registry_names_and_ids_resolve_on_chain(net: LocalNetwork, tmp_pa
             async with KuboRpcClient(net.ipfs.api_url) as client:
                 cids.append(str(await client.publish(await asyncio.to_thread(import_directory, directory))))
             ids.append(await adapters.register(owner, cids[-1], bytes(32), 10**9, 10**9, [owner.address], [10_000]))
-        await adapters.set_name(owner, "registry-only", ids[0])
+        await adapters.claim_name(owner, "registry-only", ids[0])
 
         async def card(name: str) -> tuple[int, dict]:
             async with aiohttp.ClientSession() as http:
@@ -411,7 +411,7 @@ async def test_a_registry_name_never_bills_another_adapter_of_the_same_content(n
         ids = {}
         for name, spelling in (("spelled-v0", kubo_v0), ("spelled-url", f"ipfs://{canonical}")):
             ids[name] = await adapters.register(owner, spelling, bytes(32), 1, 1, [owner.address], [10_000])
-            await adapters.set_name(owner, name, ids[name])
+            await adapters.claim_name(owner, name, ids[name])
         stolen = await adapters.register(squatter, canonical, bytes(32), 10**9, 10**9, [squatter.address], [10_000])
         before = await paid_entries(net)
         for name, adapter_id in ids.items():
