@@ -191,8 +191,9 @@ class Batch:
     def tree(self, tree: Tree) -> SumTree:
         return self.payer_tree if tree is Tree.PAYER else self.adapter_tree
 
-    def commitment(self, cid: str) -> tuple[Any, ...]:
-        """`UsageSettlement.Commitment` tuple."""
+    def commitment(self, cid: str, commit_by: int = 2**64 - 1) -> tuple[Any, ...]:
+        """`UsageSettlement.Commitment` tuple. The commit reverts if mined after `commit_by` (chain time): a
+        node sets it to the earliest `deadline + maxCommitDelay` among the records (`Batch.commit_by`)."""
         return (
             self.payer_tree.root.hash,
             self.payer_tree.root.sum,
@@ -200,6 +201,7 @@ class Batch:
             self.adapter_tree.root.sum,
             self.depth,
             self.count,
+            commit_by,
             cid,
         )
 

@@ -546,11 +546,18 @@ class UsageSettlementClient(ContractClient):
         return Domain(self.chain.chain_id, self.address)
 
     async def commit_batch(
-        self, sender: LocalAccount, node: str, batch: Batch, cid: str, within: float | None = None
+        self,
+        sender: LocalAccount,
+        node: str,
+        batch: Batch,
+        cid: str,
+        within: float | None = None,
+        commit_by: int = 2**64 - 1,
     ) -> tuple[int, TxReceipt]:
         """Commits `batch` (roots, totals, one voucher per payer) for `node`; returns (batch id, receipt). With
-        `within`, a commit still unmined after that many seconds is cancelled (`Chain.transact`)."""
-        receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid), batch.totals(),
+        `within`, a commit still unmined after that many seconds is cancelled (`Chain.transact`); whatever
+        happens to the cancellation, the contract refuses the commit if mined after `commit_by` (chain time)."""
+        receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid, commit_by), batch.totals(),
                                    batch.vouchers_abi(), within=within)
         return self.events(receipt, "BatchCommitted")[0]["batchId"], receipt
 

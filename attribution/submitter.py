@@ -18,7 +18,9 @@ Restart safety: a BATCHED group may or may not have reached the chain when the n
 waits for the sender's pending transactions to be mined, then looks for the group's payer root among this
 node's `BatchCommitted` events: found, the group is COMMITTED; not found, it is committed again (the same
 leaves, so the same root), less any record whose commit deadline has passed meanwhile: those are REFUNDED
-and the rest go back to RECORDED for the next batch (a late commit is fraud, whoever's fault the delay was).
+and the rest go back to RECORDED for the next batch (a late commit is fraud, whoever's fault the delay was;
+each commit also carries `commitBy`, its first record's commit deadline, and the contract refuses it later,
+so a commit held back in a mempool cannot land late even when its cancellation fails).
 A record is therefore committed exactly once, in time, or refunded; never lost. Chain and IPFS
 failures are retried with exponential backoff (1 s doubling to 60 s); serving goes on meanwhile.
 
@@ -241,7 +243,11 @@ class Submitter:
         within = min(self._commit_by(e) for e in entries) - self.margin / 2 - self.clock()
         if within <= 0:  # publishing took that long: recovery refunds what became late and commits the rest
             raise AttributionError(f"batch {number} reached its commit deadline before it could be sent")
-        batch_id, receipt = await settlement.commit_batch(self.sender, self.node, batch, cid, within=within)
+        # And the contract refuses it past the first commit deadline, should it be mined late all the same.
+        commit_by = min(self._commit_by(e) for e in entries)
+        batch_id, receipt = await settlement.commit_batch(
+            self.sender, self.node, batch, cid, within=within, commit_by=commit_by
+        )
         await self._confirm(receipt["blockNumber"])
         await self.journal.transition_batch(number, State.COMMITTED)
         self.stats.ids[number] = batch_id

@@ -102,6 +102,10 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         uint128 adapterSum;
         uint8 depth;
         uint32 count;
+        /// The commit reverts when mined after this time: the node sets it to the earliest
+        /// `deadline + maxCommitDelay` among the batch's records, so a commit held in a mempool past that
+        /// (where it would be provable fraud) can never land and slash an honest node.
+        uint64 commitBy;
         string cid;
     }
 
@@ -199,6 +203,7 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     error UsageSettlementBadConfig(string reason);
     error UsageSettlementNotNodeOrSigner(address node, address caller);
     error UsageSettlementNodeInactive(address node);
+    error UsageSettlementCommitTooLate(uint64 commitBy);
     error UsageSettlementBadShape(uint32 count, uint8 depth);
     error UsageSettlementBadPayerCount(uint256 payers, uint256 vouchers, uint256 max);
     error UsageSettlementTooManyAdapterEntries(uint256 entries, uint256 max);
@@ -293,7 +298,8 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
     /// `node`, and what the node has collected from that payer, this charge included, must not exceed its
     /// `cumulativeCap`. A payer's shortfall is covered from the node's stake. The node's stake must cover
     /// the slash of all its pending charges.
-    /// @param c Roots and sums of the two trees, tree depth, record count and the batch file's CID.
+    /// @param c Roots and sums of the two trees, tree depth, record count, the time after which the commit
+    /// must not land (`commitBy`) and the batch file's CID.
     /// @param totals Per-payer charges (sorted by payer) and per-(adapter, version) revenues (sorted), all > 0.
     /// @param vouchers One signed request per payer, in the order of `totals.payers`.
     /// @return batchId The new batch's id (ids start at 1).
@@ -305,6 +311,7 @@ contract UsageSettlement is EIP712, ReentrancyGuardTransient {
         (bool active, address signer, uint128 stake) = nodes.commitInfo(node);
         if (msg.sender != node && msg.sender != signer) revert UsageSettlementNotNodeOrSigner(node, msg.sender);
         if (!active) revert UsageSettlementNodeInactive(node);
+        if (block.timestamp > c.commitBy) revert UsageSettlementCommitTooLate(c.commitBy);
         _checkShape(c, totals, vouchers.length);
         PayerTotal[] calldata payers = totals.payers;
         for (uint256 i = 0; i < payers.length; ++i) {

@@ -143,6 +143,39 @@ async def test_attack3_payer_cannot_get_an_honest_node_slashed(world: World) -> 
 # ---------------------------------------------------------------- 4: escrow games (P3)
 
 
+async def test_a_commit_held_past_its_deadline_is_refused_not_fraud(world: World) -> None:
+    """An honest node's commit held back (a congested mempool, a sequencer's delay, a node that died and
+    whose cancellation never went out) and mined after `deadline + maxCommitDelay` of a record in it would
+    be provable fraud: batch voided, node slashed. `Commitment.commitBy` makes the contract refuse it
+    instead: mined one second late it reverts and charges nobody; at `commitBy` it lands. Without the
+    bound (the old behaviour, commitBy at its maximum) the same late commit lands and is slashed."""
+    s, node = world.c.settlement, world.node.address
+    leaf = await world.leaf(world.payer_a)
+    commit_by = leaf.request.deadline + CONFIG.max_commit_delay
+    batch = build_batch([leaf])
+    await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # estimated now, mined late
+    with pytest.raises(ChainError):
+        await s.commit_batch(world.node_signer, node, batch, "bafy-late", commit_by=commit_by)
+    assert (await world.c.escrow.account_of(world.payer_a.address, node)).balance == DEPOSIT
+    assert "bafy-late" not in {log["args"]["cid"] for log in await s.contract.events.BatchCommitted.get_logs(from_block=0)}
+    # Unbounded, the late commit lands, and anyone proves it late: the node is slashed for being slow.
+    stake = (await world.c.nodes.node_of(node)).stake
+    unbounded, _ = await s.commit_batch(world.node_signer, node, batch, "bafy-unbounded")
+    receipt = await s.prove_invalid_record(world.challenger, unbounded, batch, Tree.PAYER, 0)
+    assert s.events(receipt, "BatchVoided")[0]["batchId"] == unbounded
+    assert (await world.c.nodes.node_of(node)).stake < stake
+
+
+async def test_a_commit_at_its_commit_by_lands(world: World) -> None:
+    s, node = world.c.settlement, world.node.address
+    leaf = await world.leaf(world.payer_a)
+    commit_by = leaf.request.deadline + CONFIG.max_commit_delay
+    await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by])
+    batch_id, receipt = await s.commit_batch(world.node_signer, node, build_batch([leaf]), "x", commit_by=commit_by)
+    assert (await world.chain.w3.eth.get_block(receipt["blockNumber"]))["timestamp"] == commit_by
+    assert (await s.batch_of(batch_id)).status == 1
+
+
 async def _second_node(world: World) -> str:
     c, other = world.c, world.stranger
     await c.token.approve(other, c.nodes.address, 2**256 - 1)
