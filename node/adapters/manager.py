@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.adapters.errors import AdapterNotFoundError, AdapterUnavailableError, InvalidAdapterError
@@ -65,7 +66,9 @@ class AdapterManager:
         max_bytes: int = 256 << 20,
         retry_backoff_s: float = 5.0,
         max_backoff_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds) times the backoffs of failed adapters."""
         self.sources = sources
         self.base = base
         self.max_rank = max_rank
@@ -73,6 +76,7 @@ class AdapterManager:
         self.max_bytes = max_bytes
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.clock = clock
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, None] = OrderedDict()  # LOADED adapters, least recent first
         self.loads = 0
@@ -158,7 +162,7 @@ class AdapterManager:
             entry = self._entries[key] = _Entry(key, source)
         while entry.adapter is None:
             if entry.loading is None:
-                if entry.state is AdapterState.FAILED and time.monotonic() < entry.retry_at:
+                if entry.state is AdapterState.FAILED and self.clock() < entry.retry_at:
                     raise entry.error
                 entry.loading = asyncio.ensure_future(self._load(entry))
             await asyncio.shield(entry.loading)  # one waiter leaving must not cancel the shared load
@@ -195,9 +199,7 @@ class AdapterManager:
             entry.failures += 1
             self.failure_counts[exc.reason] = self.failure_counts.get(exc.reason, 0) + 1
             entry.state, entry.error = AdapterState.FAILED, exc
-            entry.retry_at = time.monotonic() + min(
-                self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1)
-            )
+            entry.retry_at = self.clock() + min(self.max_backoff_s, self.retry_backoff_s * 2 ** (entry.failures - 1))
             log.warning("adapter %s failed: %s", entry.name, exc)
             raise
         finally:
@@ -211,7 +213,7 @@ class AdapterManager:
     def _forget_stale_failures(self) -> None:
         """Failed entries whose backoff has passed are dropped, so that clients naming endless
         bogus CIDs cannot grow this table without bound (a retry simply starts afresh)."""
-        now = time.monotonic()
+        now = self.clock()
         for key in [k for k, e in self._entries.items() if e.state is AdapterState.FAILED and e.retry_at <= now]:
             if self._entries[key].loading is None and self._entries[key].refs == 0:
                 del self._entries[key]

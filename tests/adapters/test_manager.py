@@ -107,14 +107,17 @@ async def test_failed_adapter_backs_off_then_retries(adapters_root, base, tmp_pa
     cfg_file = root / "bad" / CONFIG_FILE
     good_cfg = cfg_file.read_text()
     cfg_file.write_text("{not json")
-    manager = AdapterManager([LocalAdapterSource(root)], base, max_rank=8, retry_backoff_s=0.2)
+    # The test's clock: on the wall clock, a loaded machine could pass a short backoff between two lines.
+    now = [1000.0]
+    manager = AdapterManager([LocalAdapterSource(root)], base, max_rank=8, retry_backoff_s=5.0, clock=lambda: now[0])
     with pytest.raises(InvalidAdapterError, match="not valid JSON"):
         await manager.acquire("bad")
     assert await manager.state("bad") is AdapterState.FAILED
     cfg_file.write_text(good_cfg)  # fixed, but the backoff has not passed: same answer, no reload
+    now[0] = 1004.5
     with pytest.raises(InvalidAdapterError, match="not valid JSON"):
         await manager.acquire("bad")
-    await asyncio.sleep(0.25)
+    now[0] = 1005.0  # the backoff's end
     adapter = await manager.acquire("bad")
     assert await manager.state("bad") is AdapterState.LOADED and manager.failure_counts == {"config": 1}
     manager.release(adapter)
