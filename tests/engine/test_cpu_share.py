@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -39,22 +42,36 @@ def test_fewer_threads_at_once_more_after_two_agreeing_readings() -> None:
     assert [s.update(x) for x in (0.0, 1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 0.0, 0.0)] == [4, 3, 3, 2, 2, 2, 3, 3, 4]
 
 
-def _busy(seconds: float, cpu: int) -> None:
-    os.sched_setaffinity(0, {cpu})
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
+# spins on one CPU until its stdin closes (killed at the end of the test, or its parent is gone)
+_SPIN = (
+    "import os, select\nos.sched_setaffinity(0, {{{cpu}}})\nprint('busy', flush=True)\n"
+    "while not select.select([0], [], [], 0)[0]:\n    pass\n"
+)
 
 
-def _neighbours(n: int, seconds: float) -> list[multiprocessing.Process]:
+@contextmanager
+def neighbours(n: int) -> Iterator[None]:
+    """`n` processes busy on our CPUs (round robin), each spinning from before this is entered until it is left."""
     cpus = sorted(os.sched_getaffinity(0))
     procs = [
-        multiprocessing.get_context("spawn").Process(target=_busy, args=(seconds, cpus[i % len(cpus)]))
+        subprocess.Popen(
+            [sys.executable, "-c", _SPIN.format(cpu=cpus[i % len(cpus)])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for i in range(n)
     ]
-    for p in procs:
-        p.start()
-    return procs
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "busy\n", "a neighbour did not start"
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdin.close()
+            p.stdout.close()
 
 
 needs_procfs = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc")
@@ -62,18 +79,12 @@ needs_procfs = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="read
 
 @needs_procfs
 def test_a_busy_neighbour_is_seen() -> None:
-    """A real process busy on one of our CPUs for 2 s: readings see at least most of a CPU taken."""
-    s = CpuShare(2, interval_s=0.5)
-    procs = _neighbours(1, 2.5)
-    try:
-        time.sleep(0.6)  # let it start
+    """A real process busy on one of our CPUs: a reading over 0.6 s sees at least most of a CPU taken."""
+    with neighbours(1):
+        s = CpuShare(2, interval_s=0.5)
+        time.sleep(0.6)  # the interval measured
         s.threads()
-        time.sleep(0.6)
-        s.threads()
-        assert s.others >= 0.7
-    finally:
-        for p in procs:
-            p.join()
+    assert s.others >= 0.7
 
 
 @needs_procfs
@@ -85,17 +96,15 @@ async def test_the_engine_computes_with_the_cpus_left(tiny_model_dir) -> None:
         pytest.skip(f"{cpus} CPUs: the test keeps all but one busy")
     engine = AsyncEngine.load(Settings(model=str(tiny_model_dir), threads=2))
     seen: set[int] = set()
-    procs = _neighbours(cpus - 1, 6.0)
-    await engine.start()
-    try:
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and 1 not in seen:
-            sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-            async for _ in engine.generate(GenerationRequest(f"busy-{time.monotonic()}", [5, 6, 7], sp)):
-                seen.add(engine.stats()["threads"])
-    finally:
-        await engine.stop()
-        for p in procs:
-            p.join()
+    with neighbours(cpus - 1):
+        await engine.start()
+        try:
+            deadline = time.monotonic() + 60.0
+            while time.monotonic() < deadline and 1 not in seen:
+                sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+                async for _ in engine.generate(GenerationRequest(f"busy-{time.monotonic()}", [5, 6, 7], sp)):
+                    seen.add(engine.stats()["threads"])
+        finally:
+            await engine.stop()
     assert 1 in seen
     assert run_in_fresh_thread(torch.get_num_threads) == 2  # what a thread gets while the engine is stopped
