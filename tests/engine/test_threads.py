@@ -17,14 +17,15 @@ from node.threads import run_in_fresh_thread
 from tests.engine.test_engine import prompt, run
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
-def settles_to(count: int, timeout_s: float = 5.0) -> bool:
-    """The OS thread count comes back to `count` (a pool's workers exit just after their thread)."""
+def settles_to(before: set[str], timeout_s: float = 60.0) -> bool:
+    """Every OS thread started since `before` was taken has exited (a pool's workers exit just after their
+    thread). Threads are compared by id, not counted: one that other code ends meanwhile hides no new one."""
     deadline = time.monotonic() + timeout_s
-    while os_threads() != count:
+    while os_threads() - before:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
