@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import pytest
 
@@ -33,30 +34,56 @@ def prompt(n: int, seed: int) -> list[int]:
     return [3 + (seed * 7919 + i * 104729) % 390 for i in range(n)]
 
 
-async def run(engine: AsyncEngine, ids: list[int], **sp) -> tuple[list[int], str, FinishReason]:
+async def run(engine: AsyncEngine, ids: list[int], name: str = "r", **sp) -> tuple[list[int], str, FinishReason]:
+    """Generate for `ids` (request id: `name` and a number); the tokens, the text and the finish reason."""
     sp.setdefault("temperature", 0)
     sp.setdefault("ignore_eos", True)
     tokens: list[int] = []
     text = ""
     reason = None
-    async for out in engine.generate(GenerationRequest(f"r{next(_ids)}", ids, SamplingParams(**sp))):
+    async for out in engine.generate(GenerationRequest(f"{name}{next(_ids)}", ids, SamplingParams(**sp))):
         tokens += out.token_ids
         text += out.text
         reason = out.finish_reason
     return tokens, text, reason
 
 
+def name_of(request_id: str) -> str:
+    return request_id.rstrip("0123456789")
+
+
 async def test_request_joining_mid_batch_matches_solo_run(make_engine):
+    """A request sent while another decodes joins its batch (it finishes first: they shared steps), and
+    both outputs equal their solo runs."""
     engine = await make_engine()
     solo_late = await run(engine, prompt(11, 2), max_tokens=12)
     solo_long = await run(engine, prompt(7, 1), max_tokens=40)
-    long_task = asyncio.create_task(run(engine, prompt(7, 1), max_tokens=40))
-    while engine.runner.generated_tokens < len(solo_late[0]) + len(solo_long[0]) + 5:
-        await asyncio.sleep(0.001)  # the long request is decoding when the late one arrives
-    late = await run(engine, prompt(11, 2), max_tokens=12)
-    assert not long_task.done()  # they really shared steps
-    assert late == solo_late
-    assert await long_task == solo_long
+    runner = engine.runner
+    # At the long request's 5th token the engine thread waits until the late one is queued: watched from
+    # the event loop, a loaded machine could see that token only after the long request had finished.
+    decoding, queued = threading.Event(), threading.Event()
+    finished: list[str] = []  # in the engine's order
+    submit, emit = runner.submit, runner._emit
+
+    def gated_submit(request, *args, **kwargs):
+        submit(request, *args, **kwargs)
+        if name_of(request.request_id) == "late":
+            queued.set()
+
+    def gated_emit(seq, tokens, text, reason):
+        if reason is not None:
+            finished.append(name_of(seq.request_id))  # before the output can reach the event loop
+        emit(seq, tokens, text, reason)
+        if reason is None and name_of(seq.request_id) == "long" and seq.num_generated == 5:
+            decoding.set()
+            assert queued.wait(60)
+
+    runner.submit, runner._emit = gated_submit, gated_emit
+    long_task = asyncio.create_task(run(engine, prompt(7, 1), "long", max_tokens=40))
+    assert await asyncio.to_thread(decoding.wait, 60)
+    late = await run(engine, prompt(11, 2), "late", max_tokens=12)
+    assert (late, await long_task) == (solo_late, solo_long)
+    assert finished == ["late", "long"]  # the late one ran alongside, not after
 
 
 async def test_many_concurrent_requests_match_solo_runs(make_engine):
@@ -102,11 +129,9 @@ async def test_cancelled_request_frees_its_blocks(make_engine):
     await gen.__anext__()
     assert engine.stats()["kv_blocks_used"] > 0
     await gen.aclose()
-    for _ in range(200):
-        if engine.stats() == {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 2048}:
-            break
-        await asyncio.sleep(0.01)
-    assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0
+    async with asyncio.timeout(60):  # the engine thread takes the abort at its next step
+        while (stats := engine.stats())["kv_blocks_used"] or stats["running"] or stats["waiting"]:
+            await asyncio.sleep(0.01)
 
 
 async def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
@@ -185,24 +210,41 @@ async def test_short_request_is_not_stalled_by_a_long_prefill(make_engine):
     long_ids, short_ids, decoding_ids = prompt(480, 7), prompt(4, 8), prompt(6, 9)
     solo = [await run(engine, ids, max_tokens=n) for ids, n in ((long_ids, 3), (short_ids, 3), (decoding_ids, 30))]
     firsts: dict[str, int] = {}  # name -> the engine's step count when its first token was emitted
+    lasts: dict[str, int] = {}  # ... when it finished
     submitted: dict[str, int] = {}
     runner = engine.runner
     # Steps are read in the engine thread, as they happen: on a loaded machine the event loop can see
-    # an output many steps after it was made.
-    submit, emit = runner.submit, runner._emit
-
-    def name_of(request_id: str) -> str:
-        return request_id.rstrip("0123456789")
+    # an output many steps after it was made. For the same reason the engine thread waits for the next
+    # request where it must arrive: the long one at the decoding one's first token, the short one three
+    # steps into the long prefill.
+    reached = {"decoding": threading.Event(), "long": threading.Event()}
+    sent = {"long": threading.Event(), "short": threading.Event()}
+    submit, emit, step = runner.submit, runner._emit, runner.step
 
     def recording_submit(request, *args, **kwargs):
-        submitted.setdefault(name_of(request.request_id), runner.steps)
-        return submit(request, *args, **kwargs)
+        name = name_of(request.request_id)
+        submitted.setdefault(name, runner.steps)
+        submit(request, *args, **kwargs)
+        if name in sent:
+            sent[name].set()
 
-    def recording_emit(seq, *args, **kwargs):
-        firsts.setdefault(name_of(seq.request_id), runner.steps)
-        return emit(seq, *args, **kwargs)
+    def recording_emit(seq, tokens, text, reason):
+        name = name_of(seq.request_id)
+        firsts.setdefault(name, runner.steps)
+        if reason is not None:
+            lasts[name] = runner.steps
+        emit(seq, tokens, text, reason)
+        if name == "decoding" and not reached["decoding"].is_set():
+            reached["decoding"].set()
+            assert sent["long"].wait(60)
 
-    runner.submit, runner._emit = recording_submit, recording_emit
+    def gated_step():
+        if "long" in submitted and runner.steps >= submitted["long"] + 3 and not reached["long"].is_set():
+            reached["long"].set()
+            assert sent["short"].wait(60)
+        return step()
+
+    runner.submit, runner._emit, runner.step = recording_submit, recording_emit, gated_step
 
     async def timed(name: str, ids: list[int], n: int):
         tokens: list[int] = []
@@ -212,15 +254,12 @@ async def test_short_request_is_not_stalled_by_a_long_prefill(make_engine):
         return tokens
 
     decoding = asyncio.create_task(timed("decoding", decoding_ids, 30))
-    while "decoding" not in firsts:
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(reached["decoding"].wait, 60)
     long = asyncio.create_task(timed("long", long_ids, 3))
-    start = engine.runner.steps
-    while engine.runner.steps < start + 3:  # the long prompt is being read
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(reached["long"].wait, 60)  # the long prompt is being read
     short = await timed("short", short_ids, 3)
-    assert firsts["short"] - submitted["short"] <= 10  # generous: the scheduler admits it at the next step
-    assert "long" not in firsts  # the long prefill is still running
-    decoded = await decoding  # a token per step: 30 steps, a quarter of the long prefill
-    assert "long" not in firsts
+    decoded = await decoding
     assert [await long, short, decoded] == [s[0] for s in solo]
+    assert firsts["short"] - submitted["short"] <= 10  # generous: the scheduler admits it at the next step
+    assert lasts["short"] < firsts["long"]  # done while the long prompt was still read
+    assert lasts["decoding"] < firsts["long"]  # a token per step: 30 steps, a quarter of the long prefill
