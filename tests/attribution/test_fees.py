@@ -127,17 +127,18 @@ async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
                 world.node_signer.address, "pending"
             ) > await eth.get_transaction_count(world.node_signer.address, "latest")
 
-        async def replaced_twice() -> bool:  # waited twice past replace_after
-            return chain.replacements >= 2
-
         await _until(sent)
         first = await _pool_tx(world)
+
+        async def replaced_twice() -> bool:  # read in the pool: the counter rises before a replacement is sent
+            return (await _pool_tx(world))["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2
+
         await _until(replaced_twice)
         await manual_mining()
         await asyncio.wait_for(committing, 30)
         (commit,) = await _commit_logs(world)
         mined = await eth.get_transaction(commit["transactionHash"])
-        assert mined["nonce"] == first["nonce"] and mined["hash"] != first["hash"]
+        assert mined["nonce"] == first["nonce"] and mined["hash"] != first["hash"] and chain.replacements >= 2
         assert mined["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2  # bumped twice by 20%
         assert mined["maxPriorityFeePerGas"] > first["maxPriorityFeePerGas"]
         with pytest.raises(TransactionNotFound):
@@ -333,9 +334,11 @@ async def test_a_commit_unmined_at_its_deadline_is_cancelled_never_mined_late(
     journal = SqliteJournal(tmp_path / "journal.sqlite")
     chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy(replace_after=1.0))
     submitter.clock = lambda: start + (time.monotonic() - t0)
-    submitter.margin = 2
+    # Cancelled at commit_by - 2, checked against commit_by after the test saw it in the pool: 2 s for that
+    # on a loaded machine; 4 s (commit_by - margin) to build and send the commit.
+    submitter.margin = 4
     try:
-        commit_by = start + 6  # the record's request deadline + maxCommitDelay (300 + 300)
+        commit_by = start + 8  # the record's request deadline + maxCommitDelay (300 + 300)
         leaf = await world.leaf(world.payer_a, served_at=commit_by - 600)
         usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
         await journal.append(usage)
@@ -346,7 +349,7 @@ async def test_a_commit_unmined_at_its_deadline_is_cancelled_never_mined_late(
             pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
             return any(tx["from"] == node and tx["to"] == node for tx in pending["transactions"])
 
-        await _until(cancelled_in_pool, timeout=12)
+        await _until(cancelled_in_pool, timeout=30)
         assert submitter.clock() < commit_by
         await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # the block comes late
         await manual_mining()
@@ -369,16 +372,20 @@ async def test_a_batch_whose_deadline_passes_while_publishing_is_not_sent(
 ) -> None:
     """Publishing the batch file took so long that the commit could no longer be mined in time: nothing is
     sent, and recovery refunds the record."""
-    start, t0 = await world.chain.timestamp(), time.monotonic()
+    start = await world.chain.timestamp()
     journal = SqliteJournal(tmp_path / "journal.sqlite")
     chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
-    submitter.clock = lambda: start + (time.monotonic() - t0)
+    # The node's clock stands still but for publishing (on the wall clock, a slow machine could take the
+    # 2 s before the batch is built, and the record would be refunded before it: nothing to test).
+    now = [start]
+    submitter.clock = lambda: now[0]
     submitter.margin = 2
     publish = submitter.publish
 
     async def slow_publish(path: Path) -> str:
-        await asyncio.sleep(3.2)  # the commit would have under 0 s left before `deadline - margin / 2`
-        return await publish(path)
+        cid = await publish(path)
+        now[0] = start + 3  # it took 3 s: the commit has 0 s left before `deadline - margin / 2`
+        return cid
 
     submitter.publish = slow_publish
     try:
@@ -406,13 +413,17 @@ async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadlin
     start, t0 = await world.chain.timestamp(), time.monotonic()
     journal = SqliteJournal(tmp_path / "journal.sqlite")
     chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
+    # Recovery looks at the pending nonce once a second: from commit_by - margin / 2 it cancels at its next
+    # look, and the test checks that against commit_by once it sees the cancellation, so margin / 2 (3 s) is
+    # a second of polling and 2 s for the rest on a loaded machine; 5 s (commit_by - margin) to send the commit.
+    margin = 6
     try:
-        commit_by = start + 8
+        commit_by = start + 11
         leaf = await world.leaf(world.payer_a, served_at=commit_by - 600)
         usage = Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
         await journal.append(usage)
         submitter.clock = lambda: start + (time.monotonic() - t0)
-        submitter.margin = 2
+        submitter.margin = margin
         committing = asyncio.create_task(submitter.commit_next())
         await _until(lambda: _has_pool_tx(world))
         committing.cancel()  # the node dies with its commit in the pool
@@ -422,14 +433,14 @@ async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadlin
         await chain.close()
         chain, restarted = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
         restarted.clock = lambda: start + (time.monotonic() - t0)
-        restarted.margin = 2
+        restarted.margin = margin
         recovering = asyncio.create_task(restarted.recover())
         node = world.node_signer.address
 
         async def cancelled_in_pool() -> bool:
             return (await _pool_tx(world))["to"] == node
 
-        await _until(cancelled_in_pool, timeout=15)
+        await _until(cancelled_in_pool, timeout=30)
         assert restarted.clock() < commit_by and not recovering.done()
         cancel = await _pool_tx(world)
         assert cancel["nonce"] == commit["nonce"] and cancel["maxFeePerGas"] > FeePolicy().max_fee_per_gas
