@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,17 +38,17 @@ def key_file(tmp_path: Path) -> Path:
     return path
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def nowhere() -> Iterator[str]:
+    """A URL where nothing listens: its port stays bound (never listening) by this module, so no server
+    started meanwhile can take it (a port probed free and let go could be anybody's by the time it is used)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
-NOWHERE = f"http://127.0.0.1:{closed_port()}"  # nothing listens there
-
-
-def base(tmp_path: Path, tokenizer: Path) -> list[str]:
-    return ["--node-url", NOWHERE, "--model", "m", "--tokenizer", str(tokenizer),
+def base(tmp_path: Path, tokenizer: Path, node_url: str) -> list[str]:
+    return ["--node-url", node_url, "--model", "m", "--tokenizer", str(tokenizer),
             "--state-file", str(tmp_path / "caps.json")]  # fmt: skip
 
 
@@ -78,35 +79,39 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "openlora client" in err
 
 
-def test_an_unset_key_variable(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_an_unset_key_variable(tmp_path, tiny_model_dir, nowhere, capsys, monkeypatch):
     monkeypatch.delenv("OPENLORA_TEST_KEY", raising=False)
-    code, out, err = run(["client", "chat", *base(tmp_path, tiny_model_dir), "--key-env", "OPENLORA_TEST_KEY", "hi"],
+    code, out, err = run(["client", "chat", *base(tmp_path, tiny_model_dir, nowhere), "--key-env", "OPENLORA_TEST_KEY", "hi"],
                          capsys)  # fmt: skip
     assert (code, out) == (1, "")
     assert one_line(err) == "openlora: error: the environment variable OPENLORA_TEST_KEY is not set or empty"
 
 
 @pytest.mark.parametrize("content", ["", "0x1234", "11" * 31 + "zz", '{"crypto": {}}'])
-def test_a_key_file_without_a_key(tmp_path, tiny_model_dir, capsys, content):
+def test_a_key_file_without_a_key(tmp_path, tiny_model_dir, nowhere, capsys, content):
     path = tmp_path / "bad.key"
     path.write_text(content)
-    code, _, err = run(["client", "chat", *base(tmp_path, tiny_model_dir), "--key-file", str(path), "hi"], capsys)
+    code, _, err = run(
+        ["client", "chat", *base(tmp_path, tiny_model_dir, nowhere), "--key-file", str(path), "hi"], capsys
+    )
     assert code == 1
     assert one_line(err) == f"openlora: error: the key file {path} does not hold a private key (0x and 64 hex digits)"
 
 
-def test_a_missing_key_file(tmp_path, tiny_model_dir, capsys):
+def test_a_missing_key_file(tmp_path, tiny_model_dir, nowhere, capsys):
     missing = tmp_path / "nope.key"
-    code, _, err = run(["client", "chat", *base(tmp_path, tiny_model_dir), "--key-file", str(missing), "hi"], capsys)
+    code, _, err = run(
+        ["client", "chat", *base(tmp_path, tiny_model_dir, nowhere), "--key-file", str(missing), "hi"], capsys
+    )
     assert code == 1
     assert one_line(err) == f"openlora: error: cannot read the key file {missing}: No such file or directory"
 
 
-def test_a_system_message_on_completions(tmp_path, tiny_model_dir, key_file, capsys):
+def test_a_system_message_on_completions(tmp_path, tiny_model_dir, nowhere, key_file, capsys):
     argv = [
         "client",
         "completions",
-        *base(tmp_path, tiny_model_dir),
+        *base(tmp_path, tiny_model_dir, nowhere),
         "--key-file",
         str(key_file),
         "--system",
@@ -118,10 +123,12 @@ def test_a_system_message_on_completions(tmp_path, tiny_model_dir, key_file, cap
     assert "--system is for chat" in one_line(err)
 
 
-def test_an_unreachable_node(tmp_path, tiny_model_dir, key_file, capsys):
-    code, out, err = run(["client", "chat", *base(tmp_path, tiny_model_dir), "--key-file", str(key_file), "hi"], capsys)
+def test_an_unreachable_node(tmp_path, tiny_model_dir, nowhere, key_file, capsys):
+    code, out, err = run(
+        ["client", "chat", *base(tmp_path, tiny_model_dir, nowhere), "--key-file", str(key_file), "hi"], capsys
+    )
     assert (code, out) == (1, "")
-    assert one_line(err).startswith(f"openlora: error: cannot reach the node at {NOWHERE}")
+    assert one_line(err).startswith(f"openlora: error: cannot reach the node at {nowhere}")
     assert not (tmp_path / "caps.json").exists()  # nothing was allocated
 
 
