@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from attribution.devchain import free_port
-
 ROOT = Path(__file__).resolve().parents[2]
 OPENLORA = str(Path(sys.executable).parent / "openlora")
 
@@ -25,7 +23,7 @@ def test_devnet_up_paid_request_audit_down(tiny_model_dir: Path, tmp_path: Path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = ["--cache-dir", str(tmp_path / "cache")]
     up = subprocess.Popen(
-        [OPENLORA, "devnet", "up", "--port", str(free_port()), "--model", str(tiny_model_dir), *common],
+        [OPENLORA, "devnet", "up", "--port", "0", "--model", str(tiny_model_dir), *common],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,15 +29,14 @@ from node.adapters.ipfs import fetch_verified
 from node.api.keys import ACCOUNTANT, ENGINE
 from node.config import Settings
 from node.devnet import local_network
+from tests.adapters.conftest import serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="function")]
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def tiny_settings(tiny_model_dir: Path, work: Path, port: int = 0) -> Settings:
+def tiny_settings(tiny_model_dir: Path, work: Path) -> Settings:
     return Settings(
-        port=port, model=str(tiny_model_dir), served_model_name="tiny", cache_dir=work / "cache", num_kv_blocks=512,
+        port=0, model=str(tiny_model_dir), served_model_name="tiny", cache_dir=work / "cache", num_kv_blocks=512,
         max_loras=4, dtype="float32",
     )  # fmt: skip
 
@@ -59,13 +55,14 @@ async def depth(journal) -> dict[State, int]:
 class Proxy:
     """A TCP proxy in front of the chain's RPC that can be cut (connections refused) and restored."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+    def __init__(self) -> None:
+        self.target_port = 0
+        self.port = 0  # the kernel's choice at the first start, the same one after a cut
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
         assert self.server is not None
@@ -91,9 +88,9 @@ class Proxy:
 
 
 async def test_rpc_outage_serving_continues_and_commits_land_after(tiny_model_dir: Path, tmp_path: Path) -> None:
-    chain_port = free_port()
-    proxy = Proxy(chain_port)
-    await proxy.start()
+    proxy = Proxy()
+    await proxy.start()  # listening before the chain's port is probed: the probe cannot return its port
+    chain_port = proxy.target_port = free_port()
     settings = tiny_settings(tiny_model_dir, tmp_path)
     async with local_network(
         settings, tmp_path / "devnet", chain_port=chain_port, ipfs_repo=tmp_path / "ipfs", batch_interval=1.0,
@@ -196,67 +193,52 @@ async def test_cheating_node_is_caught_challenged_and_slashed(tiny_model_dir: Pa
 
 @pytest.mark.timeout(900)
 async def test_sigkill_while_streaming_loses_and_doubles_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = tiny_settings(tiny_model_dir, tmp_path, port=free_port())
+    settings = tiny_settings(tiny_model_dir, tmp_path)
     async with local_network(
         settings, tmp_path / "devnet", ipfs_repo=tmp_path / "ipfs", serve=False, batch_interval=1.0
     ) as net:
         s = net.settings
-        argv = [
-            str(Path(sys.executable).parent / "openlora"), "serve", "--port", str(s.port), "--model", s.model,
-            "--served-model-name", "tiny", "--cache-dir", str(s.cache_dir), "--dtype", "float32",
+        # `serve --port 0`, its URL read from its log: a port probed free before the network started could be
+        # taken by anvil or the IPFS node meanwhile, or by anyone between the kill and the restart.
+        args = [
+            "--model", s.model, "--served-model-name", "tiny", "--cache-dir", str(s.cache_dir), "--dtype", "float32",
             "--num-kv-blocks", "1024", "--max-num-seqs", "8", "--chain-rpc-url", s.chain_rpc_url,
             "--deployments", str(s.deployments), "--node-keystore", str(s.node_keystore),
             "--node-key-password-file", str(s.node_key_password_file), "--journal-path", str(s.journal_path),
             "--batch-interval", "1", "--ipfs-gateway", s.ipfs_gateways[0], "--ipfs-api-url", s.ipfs_api_url,
             "--adapter-index", str(s.adapter_index),
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        url = f"http://127.0.0.1:{s.port}"
-
-        async def start() -> subprocess.Popen:
-            process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-            async def healthy() -> bool:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
-                        return response.status == 200
-                return False
-
-            await wait_for(healthy, 120, "the node to start")
-            return process
-
-        process = await start()
         key = net.provisioned.payer_key.read_text().strip()
         models = [*net.provisioned.adapters, "tiny"]
         completed = []
-        async with OpenLoRAClient(
-            url, key, tokenizer=tiny_model_dir, ledger=CapLedger(tmp_path / "caps.json")
-        ) as client:
+        with serve_process(*args) as node:
+            async with OpenLoRAClient(
+                node.url, key, tokenizer=tiny_model_dir, ledger=CapLedger(tmp_path / "caps.json")
+            ) as client:
 
-            async def one(i: int) -> None:
-                stream = client.stream_chat(
-                    models[i % len(models)], [{"role": "user", "content": f"n{i}"}], max_tokens=24
-                )
-                with contextlib.suppress(Exception):
-                    async for _ in stream:
-                        pass
-                    completed.append(stream.answer)
-                    if len(completed) == 10:
-                        # Killed at once, not on the next poll: with at most 8 sequences at a time the node
-                        # is still working through the other 90, however fast the machine.
-                        process.send_signal(signal.SIGKILL)
+                async def one(i: int) -> None:
+                    stream = client.stream_chat(
+                        models[i % len(models)], [{"role": "user", "content": f"n{i}"}], max_tokens=24
+                    )
+                    with contextlib.suppress(Exception):
+                        async for _ in stream:
+                            pass
+                        completed.append(stream.answer)
+                        if len(completed) == 10:
+                            # Killed at once, not on the next poll: with at most 8 sequences at a time the
+                            # node is still working through the other 90, however fast the machine.
+                            node.proc.send_signal(signal.SIGKILL)
 
-            tasks = [asyncio.create_task(one(i)) for i in range(100)]
-            await asyncio.wait_for(asyncio.gather(*tasks), 300)
-            process.wait()
+                tasks = [asyncio.create_task(one(i)) for i in range(100)]
+                await asyncio.wait_for(asyncio.gather(*tasks), 300)
+                node.proc.wait()
         assert 10 <= len(completed) < 100
-        process = await start()  # restart: recovery commits what the journal holds
-        try:
+        with serve_process(*args) as node:  # restart: recovery commits what the journal holds
             chain = await Chain.connect(s.chain_rpc_url)
             contracts = Contracts.attach(chain, Deployments.load(s.deployments))
 
             async def settled() -> bool:
-                async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+                async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as response:
                     text = await response.text()
                 waiting = [line for line in text.splitlines() if line.startswith("openlora_journal_entries{")]
                 return all(
@@ -264,9 +246,6 @@ async def test_sigkill_while_streaming_loses_and_doubles_nothing(tiny_model_dir:
                 )
 
             await wait_for(settled, 180, "every record committed after the restart")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
         journal = SqliteJournal(s.journal_path)
         try:
             for answer in completed:  # every completed response has exactly one record, committed
