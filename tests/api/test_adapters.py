@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from node.adapters.synthetic import make_random_adapter
+from node.api.keys import LOOKUPS
 from tests.api.conftest import MODEL, Node, serve_node
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -62,6 +63,11 @@ async def test_public_lookups_of_new_names_are_rate_limited(tiny_model_dir, adap
     """GET /v1/models/<name> is public: names not answered lately draw from one bucket (1/s, burst 4 here), an
     empty one answers 429 with Retry-After, and a name answered lately (a dApp polling its card) still answers."""
     async with serve_node(tiny_model_dir, adapters_dir=str(adapters_dir), model_lookups_per_s=1) as n:
+        # The bucket's clock stands still: on the wall clock, a loaded machine taking a second over these
+        # lookups would refill a token before the one that must be refused.
+        limiter = n.app[LOOKUPS]
+        now = limiter.clock()
+        limiter.clock = lambda: now
         async with openai.AsyncOpenAI(base_url=f"{n.url}/v1", api_key="x", max_retries=0) as client:
             assert (await client.models.retrieve("alpha")).id == "alpha"  # one token
             for i in range(3):  # the burst's other three
