@@ -95,6 +95,19 @@ async def _fund_and_register(rpc_url: str, keys: list[str], deployments_path: Pa
         await chain.close()
 
 
+async def _set_endpoint(rpc_url: str, operator_key: str, deployments_path: Path, endpoint: str) -> None:
+    from attribution.chain import Chain
+    from attribution.deploy import Contracts, Deployments
+
+    chain = await Chain.connect(rpc_url)
+    try:
+        await Contracts.attach(chain, Deployments.load(deployments_path)).nodes.set_endpoint(
+            Account.from_key(operator_key), endpoint
+        )
+    finally:
+        await chain.close()
+
+
 async def _publish_demo_adapters(
     settings: Settings, ipfs_api_url: str, index_file: Path, keys: list[str], deployments_path: Path
 ) -> dict[str, str]:
@@ -256,6 +269,8 @@ async def local_network(
             app = create_app(node)
             runner, url = await start_server(app, settings.host, settings.port)
             net = LocalNetwork(anvil, ipfs, done, app, url, node, runner)
+            if url != endpoint:  # port 0: the kernel chose one; the registry gets the address it chose
+                await _set_endpoint(anvil.rpc_url, anvil.private_keys[1], done.deployments, url)
             try:
                 yield net
             finally:

@@ -287,6 +287,8 @@ async def test_models_and_attribution_endpoints(net: LocalNetwork) -> None:
     assert models[net.app[ENGINE].model_name]["adapterId"] == "0"
     assert info["node"] == net.app[ACCOUNTANT].node and int(info["nodeFeePerToken"]) > 0
     assert int(position["available"]) <= PAYER_DEPOSIT
+    contracts = net.app[ACCOUNTANT].ledger.contracts  # the node registry has the address it listens on (port 0)
+    assert (await contracts.nodes.node_of(net.app[ACCOUNTANT].node)).endpoint == net.url
 
 
 async def test_stream_cut_midway_is_recorded_for_what_was_sent(net: LocalNetwork) -> None:
