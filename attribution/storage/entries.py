@@ -4,15 +4,22 @@ implementation shares (validation, the transition table, interval checks).
 Lifecycle of a paid entry (`TRANSITIONS` is the table):
 
     RECORDED --batch--> BATCHED --commit--> COMMITTED --finalize--> FINALIZED
-        |                 |  \\                 \\
-        |                 |   `--> RECORDED      `--> VOIDED    (a fraud proof voided the batch on chain;
-        |                 |   (batch abandoned:                  the contract refunded the payers)
-        |                 |    only when the chain is known not to hold it)
+        |                 | |  ^                |  \\
+        |                 | |  `----reorged-----'   `--> VOIDED   (a fraud proof voided the batch on chain;
+        |                 | |  (the chain lost the commit:         the contract refunded the payers)
+        |                 | |   back into the same batch)
+        |                 | `--> RECORDED   (batch abandoned: only when the chain is known not to hold it
+        |                 |                  and none of its commit transactions can still be mined)
         `-----------------+--> REFUNDED   (the node dropped the charge before the chain took it: a
                                            commit deadline passed, a client gone mid-stream)
 
 A free entry (an unsigned request served under `--allow-unsigned`) is FREE from the start, charges
 0 and never changes state, so it can never go into a batch.
+
+Besides the entries, the journal holds every commit transaction the submitter signs for a batch (`CommitTx`:
+its hash and nonce, each fee-bumped version too), written before the transaction is broadcast: after a
+crash or a reorg, the receipts of these hashes say whether the batch reached the chain (docs/architecture.md,
+"Submitter restart safety").
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class State(StrEnum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.RECORDED: frozenset({State.BATCHED, State.REFUNDED}),
     State.BATCHED: frozenset({State.COMMITTED, State.RECORDED, State.REFUNDED}),
-    State.COMMITTED: frozenset({State.FINALIZED, State.VOIDED}),
+    State.COMMITTED: frozenset({State.FINALIZED, State.VOIDED, State.BATCHED}),  # BATCHED: its own batch only
     State.FINALIZED: frozenset(),
     State.VOIDED: frozenset(),
     State.REFUNDED: frozenset(),
@@ -68,6 +75,17 @@ class Usage:
     @property
     def free(self) -> bool:
         return self.request is None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTx:
+    """A commit transaction the submitter signed for a local batch, journaled before it was broadcast.
+    `sent_at` (unix seconds) is set by the journal."""
+
+    batch_id: int
+    tx_hash: bytes
+    nonce: int
+    sent_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,21 @@ def check_interval(low: int, high: int) -> None:
         raise InvalidJournalInput(f"interval ({low}, {high}] is not a non-empty uint128 interval")
 
 
+def check_commit_tx(tx_hash: bytes, nonce: int) -> None:
+    if len(tx_hash) != 32:
+        raise InvalidJournalInput(f"a transaction hash is 32 bytes, got {len(tx_hash)}")
+    if not 0 <= nonce <= MAX_INT64:
+        raise InvalidJournalInput(f"nonce {nonce} is outside 0..{MAX_INT64} (what the journal stores)")
+
+
+def journaled_again(known: CommitTx, batch_id: int) -> CommitTx:
+    """A commit transaction journaled again: a no-op for its batch, an error for another (a transaction commits
+    one batch)."""
+    if known.batch_id != batch_id:
+        raise InvalidJournalInput(f"transaction 0x{known.tx_hash.hex()} is journaled for batch {known.batch_id}")
+    return known
+
+
 def check_limit(limit: int) -> None:
     if limit < 0:
         raise InvalidJournalInput(f"limit must be >= 0, got {limit}")
@@ -152,7 +185,10 @@ def plan_transition(
         state, batch = current[d]
         if state is target and (target is not State.BATCHED or batch == batch_id):
             continue
-        if target not in TRANSITIONS[state]:
+        # a commit the chain lost (a reorg) sends the entries back to BATCHED in their own batch, whose commit
+        # transactions the journal holds; into another batch, one of those could still commit them
+        moved = state is State.COMMITTED and target is State.BATCHED and batch != batch_id
+        if target not in TRANSITIONS[state] or moved:
             raise IllegalTransition(d, state.value, batch, target.value, batch_id)
         changes.append(d)
     return changes

@@ -7,6 +7,7 @@ Contract shared by every implementation:
   happens (or raises), even if the awaiting task is cancelled meanwhile.
 * Transitions are all-or-nothing per call, idempotent (an entry already in the target state, and
   batch, is left alone) and follow `entries.TRANSITIONS`; anything else raises `IllegalTransition`.
+* Commit transactions (`add_commit_tx`) are written ahead of their broadcast and never removed.
 * Addresses are compared case-insensitively; entries come back in append order ("oldest first").
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from attribution.storage.entries import Entry, State, Usage
+from attribution.storage.entries import CommitTx, Entry, State, Usage
 
 
 class Journal(Protocol):
@@ -35,6 +36,15 @@ class Journal(Protocol):
 
     async def transition_batch(self, batch_id: int, target: State) -> int:
         """`transition` of every entry in the batch (0 for a batch with no entries)."""
+
+    async def add_commit_tx(self, batch_id: int, tx_hash: bytes, nonce: int) -> CommitTx:
+        """Journals a commit transaction signed for `batch_id` (a batch with BATCHED entries), before it is
+        broadcast. Again with the same hash: a no-op; for another batch, or a malformed hash or nonce:
+        `InvalidJournalInput`."""
+
+    async def commit_txs(self, batch_id: int) -> list[CommitTx]:
+        """The commit transactions journaled for `batch_id`, in the order they were journaled (kept for good,
+        whatever becomes of the batch's entries)."""
 
     async def get(self, digest: bytes) -> Entry | None: ...
 

@@ -7,16 +7,19 @@ import threading
 import time
 from collections.abc import Collection
 
-from attribution.errors import DuplicateEntry, IntervalConflict, JournalClosed
+from attribution.errors import DuplicateEntry, IntervalConflict, InvalidJournalInput, JournalClosed
 from attribution.storage.entries import (
     UNCOMMITTED,
+    CommitTx,
     Entry,
     State,
     Usage,
     address_key,
     batch_after,
+    check_commit_tx,
     check_interval,
     check_limit,
+    journaled_again,
     plan_transition,
     validate_usage,
 )
@@ -27,6 +30,7 @@ class MemoryJournal:
         self._lock = threading.Lock()  # appenders may be threads as well as tasks
         self._entries: dict[bytes, Entry] = {}  # insertion order = append order
         self._intervals: dict[bytes, list[tuple[int, int]]] = {}  # payer key -> sorted [(high, low)]
+        self._commit_txs: dict[bytes, CommitTx] = {}  # tx hash -> tx, in send order
         self._closed = False
 
     def append_blocking(self, usage: Usage) -> Entry:
@@ -66,6 +70,23 @@ class MemoryJournal:
 
     async def transition_batch(self, batch_id: int, target: State) -> int:
         return await self.transition([e.usage.digest for e in await self.batch(batch_id)], target)
+
+    async def add_commit_tx(self, batch_id: int, tx_hash: bytes, nonce: int) -> CommitTx:
+        check_commit_tx(tx_hash, nonce)
+        with self._lock:
+            self._check_open()
+            known = self._commit_txs.get(bytes(tx_hash))
+            if known is not None:
+                return journaled_again(known, batch_id)
+            if not any(e.batch_id == batch_id and e.state is State.BATCHED for e in self._entries.values()):
+                raise InvalidJournalInput(f"batch {batch_id} has no batched entries: no commit is sent for it")
+            tx = self._commit_txs[bytes(tx_hash)] = CommitTx(batch_id, bytes(tx_hash), nonce, time.time())
+            return tx
+
+    async def commit_txs(self, batch_id: int) -> list[CommitTx]:
+        with self._lock:
+            self._check_open()
+            return [tx for tx in self._commit_txs.values() if tx.batch_id == batch_id]
 
     async def get(self, digest: bytes) -> Entry | None:
         with self._lock:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from attribution.storage.entries import Entry, State, Usage, address_key
+from attribution.storage.entries import CommitTx, Entry, State, Usage, address_key
 from attribution.types import InferenceRequest, Signature, UsageRecord
 
-SCHEMA_VERSION = 1
 UNCOMMITTED_SQL = "state IN ('recorded', 'batched')"  # spelled alike in the partial indexes and queries
 
 SCHEMA = f"""
@@ -52,8 +51,21 @@ CREATE TRIGGER depth_update AFTER UPDATE OF state ON entries WHEN OLD.state != N
     UPDATE depth SET n = n - 1 WHERE state = OLD.state;
     INSERT INTO depth VALUES (NEW.state, 1) ON CONFLICT (state) DO UPDATE SET n = n + 1;
 END;
-PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+# MIGRATIONS[i] takes a journal of version i + 1 to version i + 2. A new file gets SCHEMA and then every
+# migration, so a migrated journal and a new one have the same tables.
+MIGRATIONS = (
+    # 2: the commit transactions the submitter signed per batch, written before each is broadcast (seq: send order)
+    """
+CREATE TABLE commit_txs (
+    seq INTEGER PRIMARY KEY, tx_hash BLOB NOT NULL UNIQUE, batch_id INTEGER NOT NULL, nonce INTEGER NOT NULL,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX commit_txs_batch ON commit_txs(batch_id);  -- the rowid (seq) follows: send order
+""",
+)
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 COLUMNS = (
     "digest, state, batch_id, recorded_at, updated_at, adapter, "
@@ -73,6 +85,10 @@ UNCOMMITTED_CHARGES = f"SELECT charge FROM entries WHERE payer_key = ? AND {UNCO
 STATES_OF_BATCH = "SELECT digest, state, batch_id FROM entries WHERE batch_id = ? ORDER BY seq"
 UPDATE_STATE = "UPDATE entries SET state = ?, batch_id = ?, updated_at = ? WHERE digest = ?"
 DEPTH = "SELECT state, n FROM depth"
+HAS_BATCHED = "SELECT 1 FROM entries WHERE batch_id = ? AND state = 'batched' LIMIT 1"
+COMMIT_TX = "SELECT batch_id, tx_hash, nonce, sent_at FROM commit_txs WHERE tx_hash = ?"
+COMMIT_TXS = "SELECT batch_id, tx_hash, nonce, sent_at FROM commit_txs WHERE batch_id = ? ORDER BY seq"
+ADD_COMMIT_TX = "INSERT INTO commit_txs (batch_id, tx_hash, nonce, sent_at) VALUES (?, ?, ?, ?)"
 # the accepted interval ending first after a new one's `low` is the only one that can overlap it
 FIRST_ENDING_AFTER = "SELECT low, high FROM intervals WHERE payer_key = ? AND high > ? ORDER BY high LIMIT 1"
 HIGHEST_CAP = "SELECT high FROM intervals WHERE payer_key = ? ORDER BY high DESC LIMIT 1"
@@ -177,3 +193,8 @@ def from_row(row: sqlite3.Row | tuple[object, ...]) -> Entry:
     )
     usage = Usage(request, _unsig(request_sig), record, _unsig(record_sig), adapter)
     return Entry(usage, State(state), batch_id, recorded_at, updated_at)
+
+
+def commit_tx(row: tuple[object, ...]) -> CommitTx:
+    batch_id, tx_hash, nonce, sent_at = row
+    return CommitTx(batch_id, bytes(tx_hash), nonce, sent_at)

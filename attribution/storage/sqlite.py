@@ -31,18 +31,28 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
-from attribution.errors import DuplicateEntry, IntervalConflict, JournalClosed, JournalError, JournalLocked
+from attribution.errors import (
+    DuplicateEntry,
+    IntervalConflict,
+    InvalidJournalInput,
+    JournalClosed,
+    JournalError,
+    JournalLocked,
+)
 from attribution.storage import rows
 from attribution.storage.entries import (
     MAX_INT64,
+    CommitTx,
     Entry,
     State,
     Usage,
     address_key,
     batch_after,
+    check_commit_tx,
     check_interval,
     check_limit,
     check_target,
+    journaled_again,
     plan_transition,
     validate_usage,
 )
@@ -118,7 +128,25 @@ class SqliteJournal:
 
         return await self._writer.run(op)
 
+    async def add_commit_tx(self, batch_id: int, tx_hash: bytes, nonce: int) -> CommitTx:
+        check_commit_tx(tx_hash, nonce)
+        tx = CommitTx(batch_id, bytes(tx_hash), nonce, time.time())
+
+        def op(conn: sqlite3.Connection) -> CommitTx:
+            known = conn.execute(rows.COMMIT_TX, (tx.tx_hash,)).fetchone()
+            if known is not None:
+                return journaled_again(rows.commit_tx(known), batch_id)
+            if conn.execute(rows.HAS_BATCHED, (batch_id,)).fetchone() is None:
+                raise InvalidJournalInput(f"batch {batch_id} has no batched entries: no commit is sent for it")
+            conn.execute(rows.ADD_COMMIT_TX, (tx.batch_id, tx.tx_hash, tx.nonce, tx.sent_at))
+            return tx
+
+        return await self._writer.run(op)
+
     # queries: on the reader connection
+
+    async def commit_txs(self, batch_id: int) -> list[CommitTx]:
+        return await self._read(lambda c: [rows.commit_tx(r) for r in c.execute(rows.COMMIT_TXS, (batch_id,))])
 
     async def get(self, digest: bytes) -> Entry | None:
         found = await self._entries(rows.GET, (bytes(digest),))
@@ -238,18 +266,24 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _prepare(conn: sqlite3.Connection, path: Path) -> None:
-    """WAL + FULL (see the module docstring); creates the schema in a new file, checks an old one's version."""
+    """WAL + FULL (see the module docstring); creates the schema in a new file, migrates an older one (in one
+    transaction: an interrupted migration leaves the old version), refuses a newer one."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode != "wal":
         raise JournalError(f"the journal {path} cannot use WAL mode (got {mode!r})")
     conn.execute("PRAGMA synchronous = FULL")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > rows.SCHEMA_VERSION:
+        raise JournalError(f"the journal {path} has schema version {version}; this node reads {rows.SCHEMA_VERSION}")
+    if version == rows.SCHEMA_VERSION:
+        return
+    script = "".join(rows.MIGRATIONS[max(version, 1) - 1 :])
     if version == 0:
-        conn.executescript(f"BEGIN IMMEDIATE; {rows.SCHEMA} COMMIT;")
+        script = rows.SCHEMA + script
+    conn.executescript(f"BEGIN IMMEDIATE; {script} PRAGMA user_version = {rows.SCHEMA_VERSION}; COMMIT;")
+    if version == 0:
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
-    elif version != rows.SCHEMA_VERSION:
-        raise JournalError(f"the journal {path} has schema version {version}; this node reads {rows.SCHEMA_VERSION}")

@@ -25,7 +25,7 @@ from attribution.storage import Journal, State
 from tests.attribution.storage.factory import NOW, PAYERS, free, paid
 
 R, B, C, F, V, X = (State.RECORDED, State.BATCHED, State.COMMITTED, State.FINALIZED, State.VOIDED, State.REFUNDED)
-LEGAL = {(R, B), (R, X), (B, C), (B, R), (B, X), (C, F), (C, V)}
+LEGAL = {(R, B), (R, X), (B, C), (B, R), (B, X), (C, F), (C, V), (C, B)}  # C -> B: into its own batch only
 PAID_STATES = (R, B, C, F, V, X)
 # how a fresh RECORDED entry reaches each state (batch 1 on the way)
 PATH = {R: [], B: [B], C: [B, C], F: [B, C, F], V: [B, C, V], X: [X]}
@@ -122,12 +122,12 @@ async def test_every_transition(journal: Journal) -> None:
         await journal.append(paid(k))
         await move(journal, digest, PATH[start])
         before = await journal.get(digest)
-        batch_id = 2 if target is B else None
+        batch_id = (1 if start is C else 2) if target is B else None
         if (start, target) in LEGAL:
             assert await journal.transition([digest], target, batch_id=batch_id) == 1, (start, target)
             after = await journal.get(digest)
             assert after.state is target and after.updated_at >= before.updated_at
-            assert after.batch_id == {B: 2, R: None}.get(target, before.batch_id), (start, target)
+            assert after.batch_id == {B: batch_id, R: None}.get(target, before.batch_id), (start, target)
             assert await journal.transition([digest], target, batch_id=batch_id) == 0, (start, target)  # idempotent
         elif start is target and target is not B:
             assert await journal.transition([digest], target) == 0, (start, target)
@@ -144,6 +144,18 @@ async def test_rebatching_into_the_same_batch_is_a_no_op_and_into_another_is_ref
     assert await journal.transition([paid(0).digest], B, batch_id=1) == 0
     with pytest.raises(IllegalTransition, match="batched in batch 1: it cannot become batched in batch 2"):
         await journal.transition([paid(0).digest], B, batch_id=2)
+
+
+async def test_a_reorged_commit_goes_back_into_its_own_batch_only(journal: Journal) -> None:
+    """The chain lost a batch's commit (a reorg): its entries are BATCHED again in that batch, whose commit
+    transactions the journal holds; in another batch one of those could still commit them a second time."""
+    await journal.append(paid(0))
+    await move(journal, paid(0).digest, PATH[C])
+    with pytest.raises(IllegalTransition, match="committed in batch 1: it cannot become batched in batch 2"):
+        await journal.transition([paid(0).digest], B, batch_id=2)
+    assert await journal.transition([paid(0).digest], B, batch_id=1) == 1
+    assert (await journal.get(paid(0).digest)).batch_id == 1
+    assert await journal.uncommitted_charge(PAYERS[0]) == 600  # the chain has not taken it (any more)
 
 
 @pytest.mark.parametrize("target", [*PAID_STATES, State.FREE], ids=str)
@@ -195,6 +207,66 @@ async def test_whole_batches_move_together(journal: Journal) -> None:
     assert await journal.transition([paid(3).digest, paid(4).digest], B, batch_id=3) == 2
     with pytest.raises(IllegalTransition):
         await journal.transition_batch(3, F)
+
+
+# commit transactions (written before each is broadcast)
+
+TX = [bytes([i]) * 32 for i in range(4)]
+
+
+async def test_commit_txs_are_kept_per_batch_in_send_order(journal: Journal) -> None:
+    for i in range(3):
+        await journal.append(paid(i))
+    await journal.transition([paid(0).digest, paid(1).digest], B, batch_id=1)
+    await journal.transition([paid(2).digest], B, batch_id=2)
+    before = time.time()
+    first = await journal.add_commit_tx(1, TX[2], 7)
+    assert (first.batch_id, first.tx_hash, first.nonce) == (1, TX[2], 7) and before <= first.sent_at <= time.time()
+    await journal.add_commit_tx(2, TX[0], 8)
+    await journal.add_commit_tx(1, TX[1], 7)  # a fee-bumped version: same nonce
+    assert await journal.add_commit_tx(1, TX[2], 7) == first  # again: a no-op
+    assert [(t.tx_hash, t.nonce) for t in await journal.commit_txs(1)] == [(TX[2], 7), (TX[1], 7)]
+    assert [t.tx_hash for t in await journal.commit_txs(2)] == [TX[0]]
+    assert await journal.commit_txs(3) == []
+    # whatever becomes of the entries, the transactions stay: one may still be mined
+    await journal.transition_batch(1, C)
+    await journal.transition_batch(2, R)
+    assert [t.tx_hash for t in await journal.commit_txs(1)] == [TX[2], TX[1]]
+    assert [t.tx_hash for t in await journal.commit_txs(2)] == [TX[0]]
+
+
+async def test_a_commit_tx_needs_a_batch_being_committed(journal: Journal) -> None:
+    """Only a batch with BATCHED entries is sent; a transaction journaled for any other is a submitter bug."""
+    await journal.append(paid(0))
+    with pytest.raises(InvalidJournalInput, match="batch 1 has no batched entries"):
+        await journal.add_commit_tx(1, TX[0], 0)  # no such batch
+    await move(journal, paid(0).digest, PATH[C])
+    with pytest.raises(InvalidJournalInput, match="batch 1 has no batched entries"):
+        await journal.add_commit_tx(1, TX[0], 0)  # committed already
+    assert await journal.commit_txs(1) == []
+
+
+async def test_one_transaction_commits_one_batch(journal: Journal) -> None:
+    for i in range(2):
+        await journal.append(paid(i))
+        await journal.transition([paid(i).digest], B, batch_id=i + 1)
+    await journal.add_commit_tx(1, TX[0], 3)
+    with pytest.raises(InvalidJournalInput, match=f"0x{TX[0].hex()} is journaled for batch 1"):
+        await journal.add_commit_tx(2, TX[0], 3)
+    assert await journal.commit_txs(2) == []
+
+
+@pytest.mark.parametrize(
+    ("tx_hash", "nonce"), [(b"\1" * 31, 0), (b"\1" * 33, 0), (b"\1" * 32, -1), (b"\1" * 32, 1 << 63)],
+    ids=["hash 31 bytes", "hash 33 bytes", "nonce -1", "nonce 2**63"],
+)
+async def test_malformed_commit_txs_are_refused(journal: Journal, tx_hash: bytes, nonce: int) -> None:
+    await journal.append(paid(0))
+    await journal.transition([paid(0).digest], B, batch_id=1)
+    with pytest.raises(InvalidJournalInput):
+        await journal.add_commit_tx(1, tx_hash, nonce)
+    assert await journal.commit_txs(1) == []
+    await journal.add_commit_tx(1, b"\1" * 32, (1 << 63) - 1)  # the largest storable nonce
 
 
 # the pipeline's queries
@@ -349,4 +421,8 @@ async def test_a_closed_journal_refuses_writes(journal: Journal) -> None:
         await journal.reserve(PAYERS[0], 0, 1)
     with pytest.raises(JournalClosed):
         await journal.get(paid(0).digest)
+    with pytest.raises(JournalClosed):
+        await journal.add_commit_tx(1, TX[0], 0)
+    with pytest.raises(JournalClosed):
+        await journal.commit_txs(1)
     await journal.close()  # closing twice is fine

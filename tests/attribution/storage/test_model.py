@@ -1,6 +1,6 @@
-"""Random sequences of appends, reservations, transitions and restarts, run against both journals and
-a plain reference model written here (the lifecycle edges from the spec, overlap by brute force):
-after every step each journal answers every query exactly as the model does."""
+"""Random sequences of appends, reservations, transitions, commit transactions and restarts, run against
+both journals and a plain reference model written here (the lifecycle edges from the spec, overlap by
+brute force): after every step each journal answers every query exactly as the model does."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from attribution.storage import MemoryJournal, SqliteJournal, State
 from tests.attribution.storage.factory import NOW, PAYERS, free, paid
 
 R, B, C, F, V, X = (State.RECORDED, State.BATCHED, State.COMMITTED, State.FINALIZED, State.VOIDED, State.REFUNDED)
-LEGAL = {(R, B), (R, X), (B, C), (B, R), (B, X), (C, F), (C, V)}
+LEGAL = {(R, B), (R, X), (B, C), (B, R), (B, X), (C, F), (C, V), (C, B)}
 TARGETS = st.sampled_from([R, B, C, F, V, X])
 
 
@@ -31,6 +31,7 @@ class JournalModel(RuleBasedStateMachine):
         self.usages: dict[bytes, object] = {}  # digest -> usage, in append order
         self.states: dict[bytes, tuple[State, int | None]] = {}
         self.intervals: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+        self.commit_txs: dict[bytes, tuple[int, int]] = {}  # tx hash -> (batch, nonce), in journaling order
         self.next = 0
 
     def run(self, make_call) -> list[object]:
@@ -103,7 +104,7 @@ class JournalModel(RuleBasedStateMachine):
             state, batch = self.states[d]
             if state is target and (target is not B or batch == batch_id):
                 continue
-            illegal |= (state, target) not in LEGAL
+            illegal |= (state, target) not in LEGAL or (state is C and target is B and batch != batch_id)
             changed.append(d)
         if illegal:
             self.expect(make_call, error=IllegalTransition)
@@ -112,6 +113,23 @@ class JournalModel(RuleBasedStateMachine):
         for d in changed:
             kept = self.states[d][1]
             self.states[d] = (target, batch_id if target is B else None if target is R else kept)
+
+    @rule(batch=st.integers(1, 3), tx=st.integers(0, 5), nonce=st.integers(0, 3))
+    def add_commit_tx(self, batch: int, tx: int, nonce: int) -> None:
+        tx_hash = bytes([tx]) * 32
+        known = self.commit_txs.get(tx_hash)
+        if known is not None:
+            if known[0] == batch:
+                for outcome in self.expect(lambda j: j.add_commit_tx(batch, tx_hash, nonce)):
+                    assert (outcome.batch_id, outcome.nonce) == known  # the first one journaled stays
+            else:
+                self.expect(lambda j: j.add_commit_tx(batch, tx_hash, nonce), error=InvalidJournalInput)
+            return
+        if not any(s is B and b == batch for s, b in self.states.values()):
+            self.expect(lambda j: j.add_commit_tx(batch, tx_hash, nonce), error=InvalidJournalInput)
+            return
+        self.expect(lambda j: j.add_commit_tx(batch, tx_hash, nonce))
+        self.commit_txs[tx_hash] = (batch, nonce)
 
     @rule()
     def restart(self) -> None:
@@ -129,6 +147,8 @@ class JournalModel(RuleBasedStateMachine):
         for batch in (1, 2, 3):
             expected = [self.usages[d] for d in order if self.states[d][1] == batch]
             self.expect(lambda j, b=batch: _usages(j.batch(b)), result=expected)
+            txs = [(h, n) for h, (b, n) in self.commit_txs.items() if b == batch]
+            self.expect(lambda j, b=batch: _txs(j.commit_txs(b)), result=txs)
         for payer in (0, 1):
             paid_ = [
                 self.usages[d]
@@ -159,6 +179,10 @@ class JournalModel(RuleBasedStateMachine):
 
 async def _usages(entries_call) -> list[object]:
     return [e.usage for e in await entries_call]
+
+
+async def _txs(commit_txs_call) -> list[tuple[bytes, int]]:
+    return [(t.tx_hash, t.nonce) for t in await commit_txs_call]
 
 
 JournalModel.TestCase.settings = settings(

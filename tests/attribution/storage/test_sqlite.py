@@ -42,6 +42,49 @@ async def test_everything_survives_a_restart(tmp_path: Path) -> None:
     await reopened.close()
 
 
+async def test_commit_txs_survive_a_restart(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "journal.db")
+    await journal.append(paid(0))
+    await journal.transition([paid(0).digest], State.BATCHED, batch_id=3)
+    sent = [await journal.add_commit_tx(3, bytes([i]) * 32, 5) for i in (9, 4)]
+    await journal.close()
+    reopened = SqliteJournal(tmp_path / "journal.db")
+    assert await reopened.commit_txs(3) == sent
+    await reopened.close()
+
+
+def _tables(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+
+async def test_a_version_1_journal_is_migrated_in_place(tmp_path: Path) -> None:
+    """A journal written before commit transactions were journaled (schema 1) opens with its entries and
+    intervals as they were, gains the commit transaction table, and then matches a new journal's schema."""
+    old = tmp_path / "v1.db"
+    with sqlite3.connect(old) as conn:
+        conn.executescript(f"{rows.SCHEMA} PRAGMA user_version = 1;")
+    journal = SqliteJournal(old)
+    await journal.reserve(PAYERS[0], *paid(0).request.interval)
+    await journal.append(paid(0))
+    await journal.transition([paid(0).digest], State.BATCHED, batch_id=4)
+    await journal.close()
+    with sqlite3.connect(old) as conn:  # back to version 1 exactly: the new table dropped
+        conn.executescript("DROP TABLE commit_txs; PRAGMA user_version = 1;")
+    before = _tables(old)
+    migrated = SqliteJournal(old)
+    assert (await migrated.get(paid(0).digest)).state is State.BATCHED
+    assert await migrated.highest_cap(PAYERS[0]) == paid(0).request.cumulative_cap
+    assert await migrated.commit_txs(4) == []
+    await migrated.add_commit_tx(4, b"\5" * 32, 0)
+    assert [t.tx_hash for t in await migrated.commit_txs(4)] == [b"\5" * 32]
+    await migrated.close()
+    SqliteJournal(tmp_path / "new.db").close_blocking()
+    assert _tables(old) == _tables(tmp_path / "new.db") != before
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (rows.SCHEMA_VERSION,) == (2,)
+
+
 async def test_one_journal_per_file(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "journal.db")
     with pytest.raises(JournalLocked, match="open in another process"):
@@ -56,7 +99,7 @@ def test_unreadable_files_are_refused_clearly(tmp_path: Path) -> None:
         SqliteJournal(tmp_path / "garbage.db")
     with sqlite3.connect(tmp_path / "future.db") as conn:
         conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(JournalError, match="schema version 99; this node reads 1"):
+    with pytest.raises(JournalError, match="schema version 99; this node reads 2"):
         SqliteJournal(tmp_path / "future.db")
     with pytest.raises(JournalError, match="not a database"):  # not JournalLocked: the refused open let go
         SqliteJournal(tmp_path / "garbage.db")
@@ -75,12 +118,13 @@ def test_commits_are_fsynced_in_wal_mode(tmp_path: Path) -> None:
     [
         ("GET", (b"d",)), ("IN_STATE", ("recorded", 10)), ("IN_BATCH", (1,)), ("VOUCHER", (b"p",)),
         ("DUE", (5, 10)), ("UNCOMMITTED_CHARGES", (b"p",)), ("STATES_OF_BATCH", (1,)),
-        ("FIRST_ENDING_AFTER", (b"p", b"l")), ("HIGHEST_CAP", (b"p",)),
+        ("FIRST_ENDING_AFTER", (b"p", b"l")), ("HIGHEST_CAP", (b"p",)), ("HAS_BATCHED", (1,)),
+        ("COMMIT_TX", (b"h",)), ("COMMIT_TXS", (1,)),
     ],
 )  # fmt: skip
 def test_queries_are_index_searches_without_sorting(name: str, params: tuple[object, ...]) -> None:
     conn = sqlite3.connect(":memory:")
-    conn.executescript(rows.SCHEMA)
+    conn.executescript(rows.SCHEMA + "".join(rows.MIGRATIONS))
     plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {getattr(rows, name)}", params)]
     assert len(plan) == 1 and plan[0].startswith("SEARCH") and ("INDEX" in plan[0] or "PRIMARY KEY" in plan[0]), plan
 
