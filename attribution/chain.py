@@ -13,7 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _RECEIPT_GRACE_S = 5.0
 
 Totals = tuple[list[tuple[str, int]], list[tuple[int, int, int]]]
+BeforeSend = Callable[[bytes, int], Awaitable[None]]  # (hash, nonce) of a signed transaction about to be broadcast
 
 
 class Chain:
@@ -72,8 +73,9 @@ class Chain:
         except ContractLogicError as exc:
             raise decode_revert(exc.data) from None
 
-    async def transact(self, sender: LocalAccount, fn: Any = None, *, to: str | None = None,
-                       data: str | None = None, gas: int | None = None, within: float | None = None) -> TxReceipt:
+    async def transact(self, sender: LocalAccount, fn: Any = None, *, to: str | None = None, data: str | None = None,
+                       gas: int | None = None, within: float | None = None,
+                       before_send: BeforeSend | None = None) -> TxReceipt:
         """Signs and sends a transaction calling `fn` (or raw `to`/`data`), waits for its receipt, and while
         it waits unmined past `fees.replace_after`, sends it again with the same nonce and higher fees.
         A revert at estimation raises `ContractRevert`; a mined failure raises `ChainError`, and so does a
@@ -82,7 +84,9 @@ class Chain:
         With `within` (seconds), a transaction that must not be mined late (a commit: late is fraud) and is
         still unmined then, or stuck at the cap before, is cancelled rather than left in the pool: its nonce
         goes to an empty transfer to the sender with both fees one bump above the last version's (even past
-        the cap: 21,000 gas), and `ChainError` is raised."""
+        the cap: 21,000 gas), and `ChainError` is raised. `before_send(hash, nonce)` is awaited for every
+        signed version before it is broadcast (a write-ahead log of what may be mined: the submitter journals
+        its commits there); if it raises, that version is not sent."""
         if fn is not None:
             to, data = fn.address, fn._encode_transaction_data()
         lock = self._locks.setdefault(sender.address, asyncio.Lock())
@@ -101,22 +105,42 @@ class Chain:
             tx["gas"] = gas
             tx["nonce"] = await self.w3.eth.get_transaction_count(sender.address, "pending")
             cancel_at = None if within is None else time.monotonic() + within
-            receipt = await self._send_until_mined(sender, tx, cancel_at)
+            receipt = await self._send_until_mined(sender, tx, cancel_at, before_send)
         if receipt["status"] != 1:
             raise ChainError(f"transaction {receipt['transactionHash'].hex()} failed on chain")
         return receipt
+
+    async def confirm(self, receipt: TxReceipt, confirmations: int) -> TxReceipt:
+        """Waits until the block of `receipt` has `confirmations` blocks (itself included), then reads the receipt
+        again: the transaction may have left that block meanwhile (a reorg). Mined again elsewhere, its new
+        block is waited for in turn; no longer mined, or failed this time, raises `ChainError`."""
+        tx_hash = receipt["transactionHash"]
+        while True:
+            while await self.w3.eth.block_number < receipt["blockNumber"] + confirmations - 1:
+                await asyncio.sleep(0.5)
+            try:
+                now = await self.w3.eth.get_transaction_receipt(tx_hash)
+            except TransactionNotFound:
+                raise ChainError(f"transaction {tx_hash.hex()} left the chain before {confirmations} confirmations") from None
+            if now["status"] != 1:
+                raise ChainError(f"transaction {tx_hash.hex()} failed on chain")
+            if now["blockHash"] == receipt["blockHash"]:
+                return now
+            receipt = now
 
     async def market_fees(self) -> tuple[int, int]:
         """(maxFeePerGas, maxPriorityFeePerGas) a new transaction would be sent with now."""
         block = await self.w3.eth.get_block("latest")
         return self.fees.initial(int(block.get("baseFeePerGas", 0)), int(await self.w3.eth.max_priority_fee))
 
-    async def _send_until_mined(self, sender: LocalAccount, tx: dict[str, Any], cancel_at: float | None) -> TxReceipt:
+    async def _send_until_mined(
+        self, sender: LocalAccount, tx: dict[str, Any], cancel_at: float | None, before_send: BeforeSend | None
+    ) -> TxReceipt:
         fees: tuple[int, int] | None = await self.market_fees()
         sent: list[bytes] = []  # every version of this nonce: whichever is mined is the receipt
         while True:
             if fees is not None:
-                await self._send_version(sender, tx, fees, sent)
+                await self._send_version(sender, tx, fees, sent, before_send)
             wait = self.fees.replace_after
             if cancel_at is not None:
                 wait = max(min(wait, cancel_at - time.monotonic()), 0.0)
@@ -139,11 +163,18 @@ class Chain:
                 )  # fmt: skip
 
     async def _send_version(
-        self, sender: LocalAccount, tx: dict[str, Any], fees: tuple[int, int], sent: list[bytes]
+        self,
+        sender: LocalAccount,
+        tx: dict[str, Any],
+        fees: tuple[int, int],
+        sent: list[bytes],
+        before_send: BeforeSend | None = None,
     ) -> None:
-        """Signs `tx` at `fees` and sends it; its hash joins `sent` (the versions of its nonce)."""
+        """Signs `tx` at `fees` and sends it (after `before_send`); its hash joins `sent` (the versions of its nonce)."""
         tx["maxFeePerGas"], tx["maxPriorityFeePerGas"] = fees
         signed = Account.sign_transaction(tx, sender.key)
+        if before_send is not None:
+            await before_send(bytes(signed.hash), tx["nonce"])
         try:
             sent.append(await self.w3.eth.send_raw_transaction(signed.raw_transaction))
         except Web3RPCError as exc:
@@ -260,9 +291,16 @@ class ContractClient:
         return await self.chain.call(self.contract.functions[name](*args))
 
     async def _send(
-        self, sender: LocalAccount, name: str, *args: Any, gas: int | None = None, within: float | None = None
+        self,
+        sender: LocalAccount,
+        name: str,
+        *args: Any,
+        gas: int | None = None,
+        within: float | None = None,
+        before_send: BeforeSend | None = None,
     ) -> TxReceipt:
-        return await self.chain.transact(sender, self.contract.functions[name](*args), gas=gas, within=within)
+        fn = self.contract.functions[name](*args)
+        return await self.chain.transact(sender, fn, gas=gas, within=within, before_send=before_send)
 
     def events(self, receipt: TxReceipt, name: str) -> list[dict[str, Any]]:
         """Decoded `name` events this contract emitted in `receipt`."""
@@ -553,12 +591,14 @@ class UsageSettlementClient(ContractClient):
         cid: str,
         within: float | None = None,
         commit_by: int = 2**64 - 1,
+        before_send: BeforeSend | None = None,
     ) -> tuple[int, TxReceipt]:
         """Commits `batch` (roots, totals, one voucher per payer) for `node`; returns (batch id, receipt). With
         `within`, a commit still unmined after that many seconds is cancelled (`Chain.transact`); whatever
-        happens to the cancellation, the contract refuses the commit if mined after `commit_by` (chain time)."""
+        happens to the cancellation, the contract refuses the commit if mined after `commit_by` (chain time).
+        `before_send` sees every version's hash and nonce before it is broadcast (`Chain.transact`)."""
         receipt = await self._send(sender, "commitBatch", node, batch.commitment(cid, commit_by), batch.totals(),
-                                   batch.vouchers_abi(), within=within)
+                                   batch.vouchers_abi(), within=within, before_send=before_send)
         return self.events(receipt, "BatchCommitted")[0]["batchId"], receipt
 
     async def finalize_batch(self, sender: LocalAccount, batch_id: int, totals: Totals) -> TxReceipt:

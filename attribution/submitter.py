@@ -10,7 +10,9 @@ One loop per node (`run`). Each pass:
    batch number (durably, before anything is sent: the journal is the write-ahead log), build the honest
    batch (`attribution.aggregation.build_batch`, each payer's voucher = the highest-cap request it ever
    signed for us), write the batch file and publish it to IPFS.
-3. **Commit** the batch (`UsageSettlement.commitBatch`), wait for `confirmations`, mark it COMMITTED.
+3. **Commit** the batch (`UsageSettlement.commitBatch`; every signed version of the transaction journaled
+   before it is broadcast), wait for `confirmations` (and that the commit is still mined then), mark it
+   COMMITTED.
 4. **Finalize** committed batches whose challenge window has ended (anyone may; the node does it for its
    own), mark them FINALIZED; a batch the chain reports voided becomes VOIDED.
 
@@ -245,20 +247,21 @@ class Submitter:
             raise AttributionError(f"batch {number} reached its commit deadline before it could be sent")
         # And the contract refuses it past the first commit deadline, should it be mined late all the same.
         commit_by = min(self._commit_by(e) for e in entries)
-        batch_id, receipt = await settlement.commit_batch(
-            self.sender, self.node, batch, cid, within=within, commit_by=commit_by
+
+        async def journal_tx(tx_hash: bytes, nonce: int) -> None:  # write-ahead: journaled, then broadcast
+            await self.journal.add_commit_tx(number, tx_hash, nonce)
+
+        _, receipt = await settlement.commit_batch(
+            self.sender, self.node, batch, cid, within=within, commit_by=commit_by, before_send=journal_tx
         )
-        await self._confirm(receipt["blockNumber"])
+        receipt = await self.chain.confirm(receipt, self.confirmations)  # mined again elsewhere: its batch id may change
+        batch_id = settlement.events(receipt, "BatchCommitted")[0]["batchId"]
         await self.journal.transition_batch(number, State.COMMITTED)
         self.stats.ids[number] = batch_id
         self._open[number] = 0
         self.stats.committed += 1
         self.stats.last_commit_at = self.clock()
         log.info("submitter: batch %d committed (%d records, %d wei, %s)", batch_id, batch.count, batch.charge, cid)
-
-    async def _confirm(self, block: int) -> None:
-        while await self.chain.w3.eth.block_number < block + self.confirmations - 1:
-            await asyncio.sleep(0.5)
 
     async def finalize_due(self) -> None:
         """Finalizes the committed batches whose challenge window has passed. It runs at every step (after

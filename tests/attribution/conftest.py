@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from attribution.chain import Chain
 from attribution.deploy import Contracts, Deployments
 from attribution.devchain import Anvil
+from node.adapters.ipfs import LocalIpfsNode
 from tests.attribution.helpers import World, setup_world
 
 
@@ -58,3 +59,22 @@ async def world(anvil: Anvil, fresh_chain: Deployments) -> AsyncIterator[World]:
     chain = await Chain.connect(anvil.rpc_url)
     yield World(chain, fresh_chain, Contracts.attach(chain, fresh_chain), anvil.private_keys)
     await chain.close()
+
+
+@pytest.fixture(scope="session")
+def ipfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIpfsNode]:
+    """A local IPFS node (the submitter publishes batch files to it)."""
+    node = LocalIpfsNode(tmp_path_factory.mktemp("ipfs"))
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+async def manual_mining(world: World) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Automatic mining off for the test (transactions wait in the pool); yields a function that mines a block."""
+    await world.chain.rpc("evm_setAutomine", [False])
+    try:
+        yield lambda: world.chain.rpc("evm_mine")
+    finally:
+        await world.chain.rpc("evm_setAutomine", [True])

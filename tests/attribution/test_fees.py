@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,24 @@ from web3.exceptions import TransactionNotFound
 
 from attribution.aggregation import BatchLeaf, build_batch
 from attribution.chain import Chain
-from attribution.deploy import Contracts
 from attribution.errors import AttributionError, ChainError
 from attribution.fees import FeePolicy
 from attribution.storage import SqliteJournal, State
 from attribution.storage.entries import Usage
-from attribution.submitter import Submitter
-from node.adapters.ipfs import KuboRpcClient, LocalIpfsNode, import_file
+from node.adapters.ipfs import LocalIpfsNode
 from tests.attribution.helpers import CONFIG, World
+from tests.attribution.submitting import commit_logs, commits, has_pool_tx, pool_tx, records, until, world_submitter
+
+
+async def _submitter(world: World, ipfs: LocalIpfsNode, journal: SqliteJournal, tmp: Path, fees: FeePolicy):
+    return await world_submitter(world, ipfs.api_url, journal, tmp, fees)
+
+
+async def _journal(world: World, path: Path, n: int = 3) -> SqliteJournal:
+    journal = SqliteJournal(path)
+    await records(world, journal, n)
+    return journal
+
 
 
 def test_fee_policy_bounds() -> None:
@@ -39,80 +48,6 @@ def test_fee_policy_bounds() -> None:
     assert policy.cancellation((0, 0)) == (1, 1)
 
 
-@pytest.fixture(scope="module")
-def ipfs(tmp_path_factory: pytest.TempPathFactory):
-    node = LocalIpfsNode(tmp_path_factory.mktemp("ipfs"))
-    node.start()
-    yield node
-    node.stop()
-
-
-@pytest.fixture
-async def manual_mining(world: World) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """Automatic mining off for the test (transactions wait in the pool); yields a function that mines a block."""
-    await world.chain.rpc("evm_setAutomine", [False])
-    try:
-        yield lambda: world.chain.rpc("evm_mine")
-    finally:
-        await world.chain.rpc("evm_setAutomine", [True])
-
-
-async def _submitter(world: World, ipfs: LocalIpfsNode, journal: SqliteJournal, tmp: Path, fees: FeePolicy):
-    chain = await Chain.connect(world.chain.w3.provider.endpoint_uri, fees=fees)
-
-    async def publish(path: Path) -> str:
-        dag = await asyncio.to_thread(import_file, path)
-        async with KuboRpcClient(ipfs.api_url) as client:
-            await client.dag_import(dag.car_chunks())
-        return str(dag.root)
-
-    submitter = Submitter(
-        journal=journal, contracts=Contracts.attach(chain, world.deployments), sender=world.node_signer,
-        node=world.node.address, publish=publish, batch_dir=tmp / "batches", max_records=10, interval=1.0,
-        max_commit_delay=300, challenge_window=600,
-    )  # fmt: skip
-    return chain, submitter
-
-
-async def _journal(world: World, path: Path, n: int = 3) -> SqliteJournal:
-    journal = SqliteJournal(path)
-    for _ in range(n):
-        leaf = await world.leaf(world.payer_a)
-        await journal.append(
-            Usage(leaf.request, leaf.signature, leaf.record, leaf.record_signature, "bafy-adapter-one")
-        )
-    return journal
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
-async def _pool_tx(world: World) -> dict:
-    """The node's transaction waiting in the pool."""
-    pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
-    ours = [tx for tx in pending["transactions"] if tx["from"] == world.node_signer.address]
-    assert len(ours) == 1, ours
-    return ours[0]
-
-
-async def _has_pool_tx(world: World) -> bool:
-    pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
-    return any(tx["from"] == world.node_signer.address for tx in pending["transactions"])
-
-
-async def _commit_logs(world: World) -> list:
-    event = world.c.settlement.contract.events.BatchCommitted
-    return await event.get_logs(from_block=0, argument_filters={"node": world.node.address})
-
-
-async def _commits(world: World) -> int:
-    return len(await _commit_logs(world))
-
-
 async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
     world: World, ipfs: LocalIpfsNode, manual_mining, tmp_path: Path
 ) -> None:
@@ -127,16 +62,16 @@ async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
                 world.node_signer.address, "pending"
             ) > await eth.get_transaction_count(world.node_signer.address, "latest")
 
-        await _until(sent)
-        first = await _pool_tx(world)
+        await until(sent)
+        first = await pool_tx(world)
 
         async def replaced_twice() -> bool:  # read in the pool: the counter rises before a replacement is sent
-            return (await _pool_tx(world))["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2
+            return (await pool_tx(world))["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2
 
-        await _until(replaced_twice)
+        await until(replaced_twice)
         await manual_mining()
         await asyncio.wait_for(committing, 30)
-        (commit,) = await _commit_logs(world)
+        (commit,) = await commit_logs(world)
         mined = await eth.get_transaction(commit["transactionHash"])
         assert mined["nonce"] == first["nonce"] and mined["hash"] != first["hash"] and chain.replacements >= 2
         assert mined["maxFeePerGas"] >= first["maxFeePerGas"] * 1.2**2  # bumped twice by 20%
@@ -144,7 +79,12 @@ async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
         with pytest.raises(TransactionNotFound):
             await eth.get_transaction_receipt(first["hash"])  # the stuck version was replaced, never mined
         assert (await journal.depth())[State.COMMITTED] == 3
-        assert await _commits(world) == 1
+        assert await commits(world) == 1
+        # every version was journaled before it was sent, in order: the first, the replacements, the mined one
+        (number,) = submitter.stats.ids
+        journaled = await journal.commit_txs(number)
+        assert len(journaled) == chain.replacements + 1 >= 3 and {tx.nonce for tx in journaled} == {first["nonce"]}
+        assert journaled[0].tx_hash == first["hash"] and journaled[-1].tx_hash == mined["hash"]
     finally:
         await journal.close()
         await chain.close()
@@ -162,7 +102,7 @@ async def test_at_the_fee_cap_a_commit_is_cancelled_not_left_in_the_pool(
     try:
         with pytest.raises(ChainError, match="still unmined at the fee cap"):
             await submitter.commit_next()
-        pooled = await _pool_tx(world)
+        pooled = await pool_tx(world)
         assert chain.replacements == 0 and pooled["to"] == world.node_signer.address and pooled["input"] == b""
         assert market < pooled["maxFeePerGas"] <= market * 1.125 + 1  # one bump past the cap
         assert (await journal.depth())[State.BATCHED] == 3  # sent, fate unknown: the journal says so
@@ -173,7 +113,7 @@ async def test_at_the_fee_cap_a_commit_is_cancelled_not_left_in_the_pool(
         await world.chain.rpc("evm_setAutomine", [True])
         await asyncio.wait_for(recovering, 30)
         assert (await journal.depth())[State.COMMITTED] == 3
-        assert await _commits(world) == 1
+        assert await commits(world) == 1
     finally:
         await journal.close()
         await chain.close()
@@ -186,7 +126,7 @@ async def test_a_restart_maps_the_commit_pending_at_the_crash_and_commits_nothin
     chain, submitter = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
     try:
         committing = asyncio.create_task(submitter.commit_next())
-        await _until(lambda: _has_pool_tx(world))
+        await until(lambda: has_pool_tx(world))
         committing.cancel()  # the node dies with its commit in the pool
         with contextlib.suppress(asyncio.CancelledError):
             await committing
@@ -199,7 +139,7 @@ async def test_a_restart_maps_the_commit_pending_at_the_crash_and_commits_nothin
         await manual_mining()
         await asyncio.wait_for(recovering, 30)
         assert (await journal.depth())[State.COMMITTED] == 3
-        assert await _commits(world) == 1
+        assert await commits(world) == 1
     finally:
         await journal.close()
         await chain.close()
@@ -218,8 +158,8 @@ async def test_a_nonce_taken_by_another_sender_with_the_key_is_an_error(world: W
         async def sent() -> bool:
             return await eth.get_transaction_count(me, "pending") > await eth.get_transaction_count(me, "latest")
 
-        await _until(sent)
-        tx = await _pool_tx(world)
+        await until(sent)
+        tx = await pool_tx(world)
         foreign = {
             "from": me, "to": world.payer_b.address, "value": 1, "gas": 21_000, "nonce": tx["nonce"],
             "chainId": chain.chain_id, "maxFeePerGas": tx["maxFeePerGas"] * 2,
@@ -257,7 +197,7 @@ def _root(usages: list[Usage]) -> bytes:
 
 
 async def _committed_roots(world: World) -> list[bytes]:
-    return [bytes(log["args"]["payerRoot"]) for log in await _commit_logs(world)]
+    return [bytes(log["args"]["payerRoot"]) for log in await commit_logs(world)]
 
 
 async def test_recovery_never_commits_a_record_past_its_commit_deadline(
@@ -274,7 +214,7 @@ async def test_recovery_never_commits_a_record_past_its_commit_deadline(
         await submitter.recover()
         assert (await journal.get(late[0].digest)).state is State.REFUNDED
         assert {e.usage.digest for e in await journal.in_state(State.RECORDED)} == {u.digest for u in fresh}
-        assert await _commits(world) == 0
+        assert await commits(world) == 0
         await submitter.commit_next()
         assert {e.usage.digest for e in await journal.in_state(State.COMMITTED)} == {u.digest for u in fresh}
         assert await _committed_roots(world) == [_root(fresh)]  # the chain got the fresh records alone
@@ -349,7 +289,7 @@ async def test_a_commit_unmined_at_its_deadline_is_cancelled_never_mined_late(
             pending = await world.chain.w3.eth.get_block("pending", full_transactions=True)
             return any(tx["from"] == node and tx["to"] == node for tx in pending["transactions"])
 
-        await _until(cancelled_in_pool, timeout=30)
+        await until(cancelled_in_pool, timeout=30)
         assert submitter.clock() < commit_by
         await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # the block comes late
         await manual_mining()
@@ -358,10 +298,10 @@ async def test_a_commit_unmined_at_its_deadline_is_cancelled_never_mined_late(
         block = await world.chain.w3.eth.get_block("latest", full_transactions=True)
         (mined,) = [tx for tx in block["transactions"] if tx["from"] == node]
         assert (mined["to"], mined["input"], mined["gas"]) == (node, b"", 21_000)
-        assert await _commits(world) == 0  # the late commit never reached the chain
+        assert await commits(world) == 0  # the late commit never reached the chain
         assert (await journal.get(usage.digest)).state is State.BATCHED
         await submitter.recover()
-        assert (await journal.get(usage.digest)).state is State.REFUNDED and await _commits(world) == 0
+        assert (await journal.get(usage.digest)).state is State.REFUNDED and await commits(world) == 0
     finally:
         await journal.close()
         await chain.close()
@@ -397,7 +337,7 @@ async def test_a_batch_whose_deadline_passes_while_publishing_is_not_sent(
             await submitter.commit_next()
         assert await world.chain.w3.eth.get_transaction_count(world.node_signer.address, "pending") == nonce
         await submitter.recover()
-        assert (await journal.get(usage.digest)).state is State.REFUNDED and await _commits(world) == 0
+        assert (await journal.get(usage.digest)).state is State.REFUNDED and await commits(world) == 0
     finally:
         await journal.close()
         await chain.close()
@@ -425,11 +365,11 @@ async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadlin
         submitter.clock = lambda: start + (time.monotonic() - t0)
         submitter.margin = margin
         committing = asyncio.create_task(submitter.commit_next())
-        await _until(lambda: _has_pool_tx(world))
+        await until(lambda: has_pool_tx(world))
         committing.cancel()  # the node dies with its commit in the pool
         with contextlib.suppress(asyncio.CancelledError):
             await committing
-        commit = await _pool_tx(world)
+        commit = await pool_tx(world)
         await chain.close()
         chain, restarted = await _submitter(world, ipfs, journal, tmp_path, FeePolicy())
         restarted.clock = lambda: start + (time.monotonic() - t0)
@@ -438,16 +378,16 @@ async def test_a_commit_pending_across_a_restart_is_cancelled_before_its_deadlin
         node = world.node_signer.address
 
         async def cancelled_in_pool() -> bool:
-            return (await _pool_tx(world))["to"] == node
+            return (await pool_tx(world))["to"] == node
 
-        await _until(cancelled_in_pool, timeout=30)
+        await until(cancelled_in_pool, timeout=30)
         assert restarted.clock() < commit_by and not recovering.done()
-        cancel = await _pool_tx(world)
+        cancel = await pool_tx(world)
         assert cancel["nonce"] == commit["nonce"] and cancel["maxFeePerGas"] > FeePolicy().max_fee_per_gas
         await world.chain.rpc("evm_setNextBlockTimestamp", [commit_by + 1])  # the block comes late
         await manual_mining()
         await asyncio.wait_for(recovering, 30)
-        assert await _commits(world) == 0  # the late commit never reached the chain
+        assert await commits(world) == 0  # the late commit never reached the chain
         assert (await journal.get(usage.digest)).state is State.REFUNDED
     finally:
         await journal.close()
