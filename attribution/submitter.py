@@ -14,17 +14,24 @@ One loop per node (`run`). Each pass:
    before it is broadcast), wait for `confirmations` (and that the commit is still mined then), mark it
    COMMITTED.
 4. **Finalize** committed batches whose challenge window has ended (anyone may; the node does it for its
-   own), mark them FINALIZED; a batch the chain reports voided becomes VOIDED.
+   own), mark them FINALIZED; a batch the chain reports voided becomes VOIDED; a chain batch id that no
+   longer holds this batch (a reorg) fails the pass, and recovery sorts it out.
 
-Restart safety: a BATCHED group may or may not have reached the chain when the node died. `recover` first
-waits for the sender's pending transactions to be mined, then looks for the group's payer root among this
-node's `BatchCommitted` events: found, the group is COMMITTED; not found, it is committed again (the same
-leaves, so the same root), less any record whose commit deadline has passed meanwhile: those are REFUNDED
-and the rest go back to RECORDED for the next batch (a late commit is fraud, whoever's fault the delay was;
-each commit also carries `commitBy`, its first record's commit deadline, and the contract refuses it later,
-so a commit held back in a mempool cannot land late even when its cancellation fails).
-A record is therefore committed exactly once, in time, or refunded; never lost. Chain and IPFS
-failures are retried with exponential backoff (1 s doubling to 60 s); serving goes on meanwhile.
+Restart safety (threats and defences: docs/architecture.md, "Submitter restart safety"): every commit
+transaction, each fee-bumped version too, is journaled (hash, nonce) before it is broadcast. A BATCHED group
+may or may not have reached the chain when the node died; a COMMITTED one may have lost its commit to a reorg
+deeper than `confirmations`. `recover` waits for the sender's pending transactions, then asks
+`attribution.recovery.CommitLocator` about each group: committed (a confirmed receipt of one of its own
+transactions, checked against the contract's state), or provably never to be (every one of its nonces taken
+by another transaction, a free one retired first). Event logs are never asked: a provider that drops them
+would make the node commit again, a slashable duplicate. A group the chain does not hold is committed again
+(the same leaves, so the same root; a reorged one back to BATCHED first, logged as an error), less any record
+whose commit deadline has passed meanwhile: those are REFUNDED and the rest go back to RECORDED for the next
+batch (a late commit is fraud, whoever's fault the delay was; each commit also carries `commitBy`, its first
+record's commit deadline, and the contract refuses it later, so a commit held back in a mempool cannot land
+late even when its cancellation fails). A record is therefore committed exactly once, in time, or refunded;
+never lost. Chain and IPFS failures are retried with exponential backoff (1 s doubling to 60 s), recovery
+first; serving goes on meanwhile.
 
 The protocol has no interactive challenge for the node to answer: a fraud proof either succeeds (the node
 cheated) or reverts, so an honest node only has to commit in time and finalize.
@@ -45,6 +52,7 @@ from eth_account.signers.local import LocalAccount
 
 from attribution.aggregation import Batch, BatchLeaf, Voucher, build_batch
 from attribution.errors import AttributionError, ChainError, SignatureError
+from attribution.recovery import CommitLocator
 from attribution.signing import recover
 from attribution.storage import Entry, State
 from attribution.types import Domain
@@ -86,7 +94,6 @@ class Submitter:
         challenge_window: int,
         confirmations: int = 1,
         margin: int = 60,
-        from_block: int = 0,
         status_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -103,10 +110,7 @@ class Submitter:
         self.challenge_window = challenge_window
         self.confirmations = confirmations
         self.margin = margin
-        self.from_block = from_block
-        self.domain = Domain(
-            self.chain.chain_id, contracts.settlement.address
-        )  # the deployment's block: where this node's BatchCommitted events start
+        self.domain = Domain(self.chain.chain_id, contracts.settlement.address)
         self.clock = clock
         self.stats = SubmitterStats()
         self._last_number = 0
@@ -114,6 +118,7 @@ class Submitter:
         # Committed batches still open: local number -> chain time at which their challenge window ends
         # (0: not read yet). Only these are asked about, and only when due or every `status_interval`.
         self._open: dict[int, int] = {}
+        self._roots: dict[int, bytes] = {}  # payer root of each open batch: what its chain batch id must hold
         self.status_interval = status_interval
         self._statuses_read_at = -math.inf
 
@@ -257,11 +262,15 @@ class Submitter:
         receipt = await self.chain.confirm(receipt, self.confirmations)  # mined again elsewhere: its batch id may change
         batch_id = settlement.events(receipt, "BatchCommitted")[0]["batchId"]
         await self.journal.transition_batch(number, State.COMMITTED)
-        self.stats.ids[number] = batch_id
-        self._open[number] = 0
+        self._committed(number, batch_id, batch.payer_tree.root.hash)
         self.stats.committed += 1
         self.stats.last_commit_at = self.clock()
         log.info("submitter: batch %d committed (%d records, %d wei, %s)", batch_id, batch.count, batch.charge, cid)
+
+    def _committed(self, number: int, batch_id: int, root: bytes) -> None:
+        self.stats.ids[number] = batch_id
+        self._roots[number] = root
+        self._open[number] = 0
 
     async def finalize_due(self) -> None:
         """Finalizes the committed batches whose challenge window has passed. It runs at every step (after
@@ -279,6 +288,8 @@ class Submitter:
                 continue
             batch_id = self.stats.ids[number]
             header = await self.contracts.settlement.batch_of(batch_id)
+            if header.node.lower() != self.node.lower() or header.payer_root != self._roots[number]:
+                raise ChainError(f"chain batch {batch_id} no longer holds batch {number} (a reorg?): recovering it")
             if header.status == STATUS_VOIDED:
                 await self.journal.transition_batch(number, State.VOIDED)
                 self.stats.voided += 1
@@ -294,60 +305,49 @@ class Submitter:
             else:
                 self._open[number] = header.committed_at + self.challenge_window
                 continue
-            del self._open[number]  # voided or finalized: settled
+            self._forget(number)  # voided or finalized: settled
+
+    def _forget(self, number: int) -> None:
+        self._open.pop(number, None)
+        self._roots.pop(number, None)
 
     # -- restart ---------------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Maps journaled batches to the chain's, and commits (again) groups the chain never got."""
+        """Maps journaled BATCHED and COMMITTED groups to the chain's batches (`CommitLocator`), and commits
+        again the groups the chain does not hold and never will through a transaction sent before."""
+        locator = CommitLocator(self.contracts, self.sender, self.node, self.confirmations)
         batched = await self.journal.in_state(State.BATCHED, limit=1_000_000)
-        await self._wait_for_pending(
-            cancel_at=min(self._commit_by(e) for e in batched) - self.margin / 2 if batched else None
+        await locator.wait_for_pending(
+            cancel_at=min(self._commit_by(e) for e in batched) - self.margin / 2 if batched else None, clock=self.clock
         )
-        on_chain = await self._committed_roots()
         groups: dict[int, list[Entry]] = {}
         for state in (State.BATCHED, State.COMMITTED):
             for entry in await self.journal.in_state(state, limit=1_000_000):
                 groups.setdefault(entry.batch_id, []).append(entry)
-        for number, entries in groups.items():
+        for number, entries in sorted(groups.items()):
             self._last_number = max(self._last_number, number)
             root = (await self._build(entries)).payer_tree.root.hash
-            if root in on_chain:
-                self.stats.ids[number] = on_chain[root]
-                self._open[number] = 0
+            txs = await self.journal.commit_txs(number)
+            batch_id = await locator.locate(number, txs, root, since=max(e.recorded_at for e in entries))
+            if batch_id is not None:
                 if entries[0].state is State.BATCHED:
                     await self.journal.transition_batch(number, State.COMMITTED)
-            elif entries[0].state is State.BATCHED:
-                fresh = await self._committable(entries)
-                if len(fresh) == len(entries):
-                    log.info("submitter: batch %d never reached the chain; committing it now", number)
-                    await self._commit(number, entries)
-                elif fresh:  # back in the queue, batched anew (the refunded ones keep this batch number)
-                    await self.journal.transition([e.usage.digest for e in fresh], State.RECORDED)
-            else:
-                raise AttributionError(f"journal batch {number} is COMMITTED but the chain has no such commit")
-
-    async def _wait_for_pending(self, timeout: float = 300.0, cancel_at: float | None = None) -> None:
-        """A commit sent before a crash may still be in the mempool: wait until it is mined (or dropped). From
-        `cancel_at` (this clock: half the margin before the first commit deadline of a BATCHED group) on, a
-        pending nonce is cancelled (`Chain.cancel`): left there, a commit could be mined late."""
-        eth = self.chain.w3.eth
-        deadline = time.monotonic() + timeout
-        cancelled: set[int] = set()
-        while (nonce := await eth.get_transaction_count(self.sender.address, "latest")) < (
-            await eth.get_transaction_count(self.sender.address, "pending")
-        ):
-            if cancel_at is not None and self.clock() >= cancel_at and nonce not in cancelled:
-                cancelled.add(nonce)
-                try:
-                    await self.chain.cancel(self.sender, nonce)
-                except ChainError as exc:  # mined meanwhile, or priced under its pending version: wait on
-                    log.warning("submitter: %s", exc)
-            if time.monotonic() > deadline:
-                raise AttributionError("transactions of the node's sender stay pending; not committing blind")
-            await asyncio.sleep(1.0)
-
-    async def _committed_roots(self) -> dict[bytes, int]:
-        event = self.contracts.settlement.contract.events.BatchCommitted
-        logs = await event.get_logs(from_block=self.from_block, argument_filters={"node": self.node})
-        return {bytes(log["args"]["payerRoot"]): log["args"]["batchId"] for log in logs}
+                elif self.stats.ids.get(number, batch_id) != batch_id:
+                    log.warning("submitter: batch %d was mined again as chain batch %d", number, batch_id)
+                self._committed(number, batch_id, root)
+                continue
+            if entries[0].state is State.COMMITTED:
+                log.error(
+                    "submitter: batch %d (chain batch %s) lost its commit to a reorg deeper than %d confirmations; "
+                    "committing its records again", number, self.stats.ids.get(number, "?"), self.confirmations,
+                )  # fmt: skip
+                await self.journal.transition([e.usage.digest for e in entries], State.BATCHED, batch_id=number)
+                self._forget(number)
+                self.stats.ids.pop(number, None)
+            fresh = await self._committable(entries)
+            if len(fresh) == len(entries):
+                log.info("submitter: batch %d is not on chain; committing it now", number)
+                await self._commit(number, entries)
+            elif fresh:  # back in the queue, batched anew (the refunded ones keep this batch number)
+                await self.journal.transition([e.usage.digest for e in fresh], State.RECORDED)

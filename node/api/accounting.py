@@ -219,7 +219,6 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
                 max_commit_delay=commit_delay,
                 challenge_window=await settlement._call("challengeWindow"),
                 confirmations=settings.confirmations,
-                from_block=deployments.block_number,
             )
             accountant.on_record = submitter.notify
             accountant.submitter = submitter

@@ -80,11 +80,11 @@ async def test_stuck_commit_is_replaced_with_higher_fees_and_committed_once(
             await eth.get_transaction_receipt(first["hash"])  # the stuck version was replaced, never mined
         assert (await journal.depth())[State.COMMITTED] == 3
         assert await commits(world) == 1
-        # every version was journaled before it was sent, in order: the first, the replacements, the mined one
+        # every version was journaled before it was sent (the first one first), the mined one among them
         (number,) = submitter.stats.ids
         journaled = await journal.commit_txs(number)
         assert len(journaled) == chain.replacements + 1 >= 3 and {tx.nonce for tx in journaled} == {first["nonce"]}
-        assert journaled[0].tx_hash == first["hash"] and journaled[-1].tx_hash == mined["hash"]
+        assert journaled[0].tx_hash == first["hash"] and mined["hash"] in {tx.tx_hash for tx in journaled}
     finally:
         await journal.close()
         await chain.close()
