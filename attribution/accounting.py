@@ -49,9 +49,10 @@ class Ledger(Protocol):
     async def terms(self, adapter_id: int, node: str, at: int) -> Terms: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Grant:
-    """A request the node accepted: what it may generate and how the answer is priced."""
+    """A request the node accepted: what it may generate and how the answer is priced. Compared by identity:
+    the accountant releases each grant once, however often its holder's cleanup asks."""
 
     request: InferenceRequest
     signature: Signature
@@ -119,6 +120,7 @@ class Accountant:
         self.on_record = on_record  # e.g. wakes the submitter
         self.clock = clock
         self._in_flight: dict[str, int] = {}  # payer -> maxCharge of granted requests not yet recorded
+        self._live: set[Grant] = set()  # the grants counted in `_in_flight`
 
     async def authorise(
         self,
@@ -191,6 +193,7 @@ class Accountant:
             await self._check_escrow(request)
             self._in_flight[request.payer] = self._in_flight.get(request.payer, 0) + request.max_charge
         grant = Grant(request, admitted.signature, admitted.signer, terms, now, adapter_cid or "")
+        self._live.add(grant)
         try:
             await self.journal.reserve(request.payer, *request.interval)
         except IntervalConflict as exc:
@@ -216,6 +219,10 @@ class Accountant:
         checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
 
     def _release(self, grant: Grant) -> None:
+        """Stops counting `grant` in flight, once: later calls do nothing."""
+        if grant not in self._live:
+            return
+        self._live.remove(grant)
         payer = grant.request.payer
         left = self._in_flight[payer] - grant.request.max_charge
         if left:

@@ -166,3 +166,20 @@ async def test_free_entries_are_journaled_never_charged() -> None:
     await acc.record_free("", "hello", 3)
     depth = await acc.journal.depth()
     assert depth[State.FREE] == 1 and depth.get(State.RECORDED, 0) == 0
+
+
+async def test_a_grant_is_released_once() -> None:
+    """A handler that cleans up a grant whose record already released it (a record cancelled by the client
+    leaving, or failed) must not free a second request's escrow: before, the second release took another
+    grant's maxCharge off the payer's in-flight total (or drove it negative), so the payer was served beyond
+    its escrow and the node's stake covered the shortfall."""
+    acc = accountant(FixedLedger(escrow=2_000))
+    first = await authorise(acc, request(cap=1_000))
+    await authorise(acc, request(cap=2_000))  # in flight: 2 x 1000, the escrow is spoken for
+    acc.release(first)
+    acc.release(first)
+    await authorise(acc, request(cap=3_000))  # takes the 1000 the first grant left
+    with pytest.raises(RequestRefused) as info:
+        await authorise(acc, request(cap=4_000))
+    assert info.value.code == "insufficient_escrow"
+
