@@ -121,6 +121,8 @@ class Accountant:
         self.clock = clock
         self._in_flight: dict[str, int] = {}  # payer -> maxCharge of granted requests not yet recorded
         self._live: set[Grant] = set()  # the grants counted in `_in_flight`
+        # payer -> (escrow checks reading its journaled charges now, maxCharge of grants journaled meanwhile)
+        self._reading: dict[str, tuple[int, int]] = {}
 
     async def authorise(
         self,
@@ -213,22 +215,40 @@ class Accountant:
     async def _check_escrow(self, request: InferenceRequest) -> None:
         """The payer's free escrow with this node, less its charges not yet committed and its grants in
         flight, covers `maxCharge`. Its last statement has no await after it: callers count the grant in
-        flight right after."""
-        available = await self.ledger.escrow_available(request.payer, self.node)
-        uncommitted = await self.journal.uncommitted_charge(request.payer)
-        checks.check_escrow(request, available, uncommitted + self._in_flight.get(request.payer, 0))
+        flight right after.
 
-    def _release(self, grant: Grant) -> None:
-        """Stops counting `grant` in flight, once: later calls do nothing."""
+        The journal's answer is a snapshot taken on another thread; by the time this task resumes, a grant
+        may have been journaled after the snapshot and left `_in_flight`, so it is in neither. Such grants
+        are counted from `_reading` (their maxCharge: at worst counted twice, never missed)."""
+        payer = request.payer
+        available = await self.ledger.escrow_available(payer, self.node)
+        readers, before = self._reading.get(payer, (0, 0))
+        self._reading[payer] = (readers + 1, before)
+        try:
+            uncommitted = await self.journal.uncommitted_charge(payer)
+        finally:
+            readers, journaled = self._reading[payer]
+            self._reading[payer] = (readers - 1, journaled)
+            if readers == 1:
+                del self._reading[payer]
+        in_flight = self._in_flight.get(payer, 0) + journaled - before
+        checks.check_escrow(request, available, uncommitted + in_flight)
+
+    def _release(self, grant: Grant, journaled: bool = False) -> None:
+        """Stops counting `grant` in flight, once: later calls do nothing. `journaled`: its record is in the
+        journal now, where an escrow check reading the journal meanwhile may not have seen it."""
         if grant not in self._live:
             return
         self._live.remove(grant)
-        payer = grant.request.payer
-        left = self._in_flight[payer] - grant.request.max_charge
+        payer, charge = grant.request.payer, grant.request.max_charge
+        left = self._in_flight[payer] - charge
         if left:
             self._in_flight[payer] = left
         else:
             del self._in_flight[payer]
+        if journaled and payer in self._reading:
+            readers, meanwhile = self._reading[payer]
+            self._reading[payer] = (readers, meanwhile + charge)
 
     def release(self, grant: Grant) -> None:
         """Ends a grant that produced no answer (engine failure, client gone before any token): no record,
@@ -254,7 +274,9 @@ class Accountant:
         try:
             await self.journal.append(Usage(request, grant.signature, record, receipt.signature, grant.adapter))
         finally:
-            self._release(grant)  # journaled: now counted by the journal's uncommitted charge (or never charged)
+            # now counted by the journal's uncommitted charge (or never charged: counted as journaled all the
+            # same, since an append whose waiter was cancelled still lands)
+            self._release(grant, journaled=True)
         if self.on_record is not None:
             self.on_record()
         return receipt

@@ -183,3 +183,41 @@ async def test_a_grant_is_released_once() -> None:
         await authorise(acc, request(cap=4_000))
     assert info.value.code == "insufficient_escrow"
 
+
+class SlowReadJournal(MemoryJournal):
+    """The in-memory journal whose read of a payer's uncommitted charges comes back only when `resume` is set,
+    the way `SqliteJournal`'s read on a worker thread comes back after the event loop has run other tasks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.resume: asyncio.Event | None = None
+
+    async def uncommitted_charge(self, payer: str) -> int:
+        charge = await super().uncommitted_charge(payer)
+        if self.resume is not None:
+            self.reading.set()
+            await self.resume.wait()
+        return charge
+
+
+async def test_a_grant_recorded_while_the_escrow_is_read_still_counts() -> None:
+    """A grant journaled between the journal's read of uncommitted charges and the in-flight count is in
+    neither unless the check accounts for it: the second request would spend escrow the first one used."""
+    journal = SlowReadJournal()
+    acc = Accountant(
+        domain=DOMAIN, node=address_of(NODE_KEY), key=NODE_KEY, ledger=FixedLedger(escrow=1_200), journal=journal,
+        max_request_ttl=300, commit_margin=900, clock=lambda: NOW,
+    )  # fmt: skip
+    second = request(cap=2_000)
+    admitted = await acc.precheck(second, sign_request(second, DOMAIN, PAYER_KEY), BODY, 12)  # 1200 free
+    first = await authorise(acc, request(cap=1_000))
+    journal.resume = asyncio.Event()
+    granting = asyncio.ensure_future(acc.grant(admitted, CID, CID))
+    await journal.reading.wait()  # the read has its value: 0 uncommitted, the first request in flight
+    receipt = await acc.record(first, "x" * 100, 100)  # journaled (436 wei) and no longer in flight
+    journal.resume.set()
+    with pytest.raises(RequestRefused) as info:  # 1200 - 436 < 1000
+        await granting
+    assert info.value.code == "insufficient_escrow"
+    assert receipt.record.charge == 436
