@@ -141,6 +141,17 @@ class AdapterManager:
                 return source, key
         return None
 
+    async def known_locally(self, name: str) -> bool:
+        """Whether a source on this machine's disk (not content-addressed: no fetch, no chain read) has `name`."""
+        for source in self.sources:
+            if not source.content_addressed and await source.canonical(name) is not None:
+                return True
+        return False
+
+    def resident(self, key: str) -> bool:
+        """Whether the adapter `key` is validated in host memory now (acquiring it costs no fetch, no load)."""
+        return key in self._host
+
     async def state(self, name: str) -> AdapterState | None:
         found = await self.resolve(name)
         entry = self._entries.get(found[1]) if found else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from node.api.errors import unknown_model
-from node.api.keys import ADAPTERS
+from node.api.keys import ADAPTERS, LOOKUPS
 
 
 @dataclass(frozen=True)
@@ -27,3 +27,19 @@ async def resolve_adapter(app: web.Application, name: str) -> ResolvedAdapter:
         raise unknown_model(name)
     source, key = found
     return ResolvedAdapter(key, key if source.content_addressed else None)
+
+
+async def admit_lookup(app: web.Application, name: str) -> None:
+    """A public lookup of `name` (GET /v1/models/<name>, a free generation request) draws from the node's
+    lookup bucket (429 when empty, `node/api/lookups.py`), unless a source on this machine has the name or
+    the name was answered lately and its adapter is still in host memory."""
+    adapters = app.get(ADAPTERS)
+    if adapters is None:
+        return  # no source: every name is unknown (404), and costs nothing to say so
+    if not await adapters.known_locally(name):
+        app[LOOKUPS].admit(name, adapters.resident)
+
+
+def answered(app: web.Application, name: str, adapter: ResolvedAdapter) -> None:
+    """`name` was answered as `adapter`: see `admit_lookup`."""
+    app[LOOKUPS].answered(name, adapter.key)

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.adapters.factory import adapter_manager
 from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
-from node.api.adapters import resolve_adapter
+from node.api.adapters import admit_lookup, answered, resolve_adapter
 from node.api.errors import error_middleware
 from node.api.generation import chat_completions, completions
 from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, LOOKUPS, METRICS, OPENAPI, SETTINGS, STARTED_AT
@@ -186,16 +186,15 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     """The answer a generation request naming this model would get: an adapter is fetched, verified
     and validated as for one (404 if no source has it, 400 `adapter_invalid`, 503 while unavailable).
-    Lookups of names not answered lately are rate-limited (429, `node/api/lookups.py`): this is public."""
+    Lookups that may cost the network or a load are rate-limited (429, `node/api/lookups.py`): this is public."""
     name = request.match_info["model"]
     engine = request.app[ENGINE]
     if name != engine.model_name:
-        lookups = request.app[LOOKUPS]
-        lookups.admit(name)
-        key = (await resolve_adapter(request.app, name)).key
+        await admit_lookup(request.app, name)
+        resolved = await resolve_adapter(request.app, name)
         adapters = request.app[ADAPTERS]
-        adapters.release(await adapters.acquire(key))
-        lookups.answered(name)
+        adapters.release(await adapters.acquire(resolved.key))
+        answered(request.app, name, resolved)
     return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 

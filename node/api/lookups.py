@@ -3,11 +3,16 @@ yet a name it has not seen can cost an AdapterRegistry read (the operator's RPC 
 fetch, verification and validation of up to `max_adapter_bytes`. A flood of fresh names would spend those
 for nothing; a paid request goes through the signed-request checks first (`node/api/accounting.py`).
 
-Lookups of names not answered in the last `remember` seconds draw from one token bucket for the node
-(`lookups_per_s`, burst four times that); a name answered recently (a dApp polling its adapter's card) draws
-nothing. An empty bucket answers 429 `rate_limit_exceeded` with `Retry-After`. The bucket is global, not per
-client address, because what it protects (RPC quota, bandwidth, CPU) is the node's whatever the caller's
-address, and addresses are cheap to change.
+Lookups draw from one token bucket for the node (`lookups_per_s`, burst four times that), except those that
+cost no network and no load: names of adapters on this machine's disk (the operator's directory), and a name
+answered in the last `remember` seconds whose adapter is still in host memory (a dApp polling its adapter's
+card). A name answered lately whose adapter has left host memory draws again: otherwise anyone could have the
+node answer more adapters than it holds, in turn, each lookup reloading (or fetching again) one of them, for
+the price of one token per adapter.
+
+An empty bucket answers 429 `rate_limit_exceeded` with `Retry-After`. The bucket is global, not per client
+address, because what it protects (RPC quota, bandwidth, CPU) is the node's whatever the caller's address,
+and addresses are cheap to change.
 """
 
 from __future__ import annotations
@@ -43,15 +48,17 @@ class LookupLimiter:
         self.clock = clock
         self._tokens = self.burst
         self._filled_at = clock()
-        self._answered: OrderedDict[str, float] = OrderedDict()  # name -> when it was last answered
+        # name -> (when it was last answered, its adapter's key then)
+        self._answered: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
-    def admit(self, name: str) -> None:
-        """Lets the lookup of `name` go ahead, or raises `RateLimitedError`."""
+    def admit(self, name: str, resident: Callable[[str], bool]) -> None:
+        """Lets the lookup of `name` go ahead, or raises `RateLimitedError`. Free when `name` was answered in
+        the last `remember` seconds and `resident(its key)` says its adapter is still in host memory."""
         if self.rate <= 0:
             return
         now = self.clock()
         answered = self._answered.get(name)
-        if answered is not None and now - answered < self.remember:
+        if answered is not None and now - answered[0] < self.remember and resident(answered[1]):
             return
         self._tokens = min(self.burst, self._tokens + (now - self._filled_at) * self.rate)
         self._filled_at = now
@@ -63,9 +70,10 @@ class LookupLimiter:
             )
         self._tokens -= 1
 
-    def answered(self, name: str) -> None:
-        """`name` was found and answered: its lookups draw nothing for the next `remember` seconds."""
-        self._answered[name] = self.clock()
+    def answered(self, name: str, key: str) -> None:
+        """`name` was found as the adapter `key` and answered: for the next `remember` seconds its lookups draw
+        nothing while that adapter stays in host memory."""
+        self._answered[name] = (self.clock(), key)
         self._answered.move_to_end(name)
         while len(self._answered) > self.max_names:
             self._answered.popitem(last=False)

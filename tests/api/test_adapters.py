@@ -60,8 +60,8 @@ async def test_unknown_adapter_is_model_not_found(client: openai.AsyncOpenAI):
 
 
 async def test_public_lookups_of_new_names_are_rate_limited(tiny_model_dir, adapters_dir):
-    """GET /v1/models/<name> is public: names not answered lately draw from one bucket (1/s, burst 4 here), an
-    empty one answers 429 with Retry-After, and a name answered lately (a dApp polling its card) still answers."""
+    """GET /v1/models/<name> is public: names no source on this machine has draw from one bucket (1/s, burst 4
+    here), an empty one answers 429 with Retry-After; the operator's own adapters and the base model never draw."""
     async with serve_node(tiny_model_dir, adapters_dir=str(adapters_dir), model_lookups_per_s=1) as n:
         # The bucket's clock stands still: on the wall clock, a loaded machine taking a second over these
         # lookups would refill a token before the one that must be refused.
@@ -69,13 +69,13 @@ async def test_public_lookups_of_new_names_are_rate_limited(tiny_model_dir, adap
         now = limiter.clock()
         limiter.clock = lambda: now
         async with openai.AsyncOpenAI(base_url=f"{n.url}/v1", api_key="x", max_retries=0) as client:
-            assert (await client.models.retrieve("alpha")).id == "alpha"  # one token
-            for i in range(3):  # the burst's other three
+            assert (await client.models.retrieve("alpha")).id == "alpha"  # on local disk: no token
+            for i in range(4):  # the burst
                 with pytest.raises(openai.NotFoundError):
                     await client.models.retrieve(f"fresh-{i}")
             with pytest.raises(openai.RateLimitError) as info:
-                await client.models.retrieve("fresh-3")
+                await client.models.retrieve("fresh-4")
             assert info.value.code == "rate_limit_exceeded"
             assert int(info.value.response.headers["Retry-After"]) >= 1
-            assert (await client.models.retrieve("alpha")).id == "alpha"  # answered lately: no token
+            assert (await client.models.retrieve("alpha")).id == "alpha"
             assert (await client.models.retrieve(MODEL)).id == MODEL  # the base model: never limited
