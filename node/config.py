@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     model_lookups_per_s: float = Field(
         5.0,
         ge=0,
-        description="GET /v1/models/<name> lookups of names not answered in the last minute, per second for "
-        "the node (burst 4x; 0: no limit); more get 429",
+        description="lookups of adapters that can cost a fetch, a registry read or a load (GET /v1/models/<name>, "
+        "free generation requests), per second for the node (burst 4x; 0: no limit); more get 429",
     )
 
     # IPFS (content-addressed adapters)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from attribution.wire import RECEIPT_EVENT_OBJECT, RECEIPT_FIELD
 from node.api import accounting
-from node.api.adapters import resolve_adapter
+from node.api.adapters import admit_lookup, answered, resolve_adapter
 from node.api.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -274,7 +274,12 @@ async def _complete(
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
     admitted = await accounting.precheck(request, signed, raw, len(prompt_ids))  # before the name: see below
+    free_lookup = adapter is not None and admitted is None  # served free: as public as GET /v1/models/<name>
+    if free_lookup:
+        await admit_lookup(request.app, adapter)
     resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
+    if free_lookup and resolved is not None:  # free again only while its adapter stays in host memory
+        answered(request.app, adapter, resolved)
     grant = await accounting.authorise(
         request, admitted, req.model, resolved.cid if resolved else None, adapter is not None
     )

@@ -8,7 +8,8 @@ cost no network and no load: names of adapters on this machine's disk (the opera
 answered in the last `remember` seconds whose adapter is still in host memory (a dApp polling its adapter's
 card). A name answered lately whose adapter has left host memory draws again: otherwise anyone could have the
 node answer more adapters than it holds, in turn, each lookup reloading (or fetching again) one of them, for
-the price of one token per adapter.
+the price of one token per adapter. Free generation requests (unsigned, on a node that serves them) naming an
+adapter go through the same bucket (`node/api/generation.py`): they resolve and fetch names just the same.
 
 An empty bucket answers 429 `rate_limit_exceeded` with `Retry-After`. The bucket is global, not per client
 address, because what it protects (RPC quota, bandwidth, CPU) is the node's whatever the caller's address,

@@ -1,16 +1,19 @@
 """The public lookup bucket (`node/api/lookups.py`) against content-addressed names on a real IPFS node: what a
-lookup costs the node (a fetch, a load) is what draws tokens. The bucket's clock stands still in these tests
-(a loaded machine must not refill a token)."""
+lookup costs the node (a fetch, a load) is what draws tokens, on GET /v1/models/<name> and on free generation
+requests alike. The bucket's clock stands still in these tests (a loaded machine must not refill a token)."""
 
 from __future__ import annotations
 
+import os
+
 import aiohttp
 
+from node.adapters.ipfs import import_file
 from node.adapters.synthetic import make_random_adapter
 from node.api.keys import LOOKUPS
 from tests.api.conftest import serve_node
 
-from .conftest import publish
+from .conftest import PROMPT, publish
 
 
 def _freeze(node) -> None:
@@ -50,6 +53,27 @@ async def test_lookups_of_more_adapters_than_host_memory_holds_draw_tokens(
             assert node.adapters.loads == 5
 
 
+async def test_free_generation_requests_draw_from_the_lookup_bucket(tiny_model_dir, ipfs_node, tmp_path):
+    """An unsigned request served free resolves and fetches the name it asks for just as GET /v1/models/<name>
+    does: fresh CIDs draw from the same bucket. Before, POST /v1/chat/completions fetched any number of them."""
+    absent = []
+    for i in range(5):
+        (tmp_path / f"never-published-{i}").write_bytes(os.urandom(64))
+        absent.append(str(import_file(tmp_path / f"never-published-{i}").root))  # valid CIDs no node has
+    async with serve_node(
+        tiny_model_dir, cache_dir=tmp_path / "cache", ipfs_gateways=[ipfs_node.gateway_url], model_lookups_per_s=1
+    ) as node:
+        _freeze(node)
+        async with aiohttp.ClientSession(base_url=node.url) as http:
+            statuses = []
+            for cid in absent:
+                body = {"model": cid, "messages": PROMPT, "max_tokens": 4}
+                statuses.append(await _status(http, "POST", "/v1/chat/completions", json=body))
+            assert statuses == [404, 404, 404, 404, 429]
+            body = {"model": "tiny", "messages": PROMPT, "max_tokens": 4}
+            assert await _status(http, "POST", "/v1/chat/completions", json=body) == 200  # the base model: never
+
+
 async def test_adapters_on_local_disk_never_draw(tiny_model_dir, tmp_path):
     """The operator's own adapters cost no network: a node with the bucket empty still serves them."""
     local = tmp_path / "local"
@@ -59,3 +83,5 @@ async def test_adapters_on_local_disk_never_draw(tiny_model_dir, tmp_path):
         async with aiohttp.ClientSession(base_url=node.url) as http:
             for _ in range(5):
                 assert await _status(http, "GET", "/v1/models/mine") == 200
+                body = {"model": "mine", "messages": PROMPT, "max_tokens": 2}
+                assert await _status(http, "POST", "/v1/chat/completions", json=body) == 200
