@@ -12,13 +12,20 @@ instead: serving goes on through a short RPC outage. That is safe because what t
 slowly and only in the node's favour within that time: escrow leaves an account only by a withdrawal that
 thawed for `thawPeriod` (far longer), a revocation takes `noticePeriod`, a terms change `noticePeriod`,
 and the node's own uncommitted charges are counted from its journal, not from the chain.
+
+Except one move: this node's own commit takes its charges from the accounts, and the journal stops counting
+them as uncommitted right then, while a balance read before the commit is cached for up to `ttl` seconds
+(`max_stale` through an outage). In between, the same charge would be in neither, and a payer could be served
+it again beyond its escrow (the node's stake covering the shortfall at the next commit). So the submitter
+reports what each commit took (`collected`) before the journal marks it committed, and an account's value
+read before that report is lowered by it.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from attribution.checks import SignerStatus, Terms
@@ -49,6 +56,8 @@ class ChainLedger:
         # and signer entries of payers who keep sending requests.
         self._cache: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
         self.stale_reads = 0  # answers served from an expired entry because the chain could not be read
+        # (payer, node), lower case -> [(when reported, amount)]: what this node's commits took from the account
+        self._collected: dict[tuple[str, str], list[tuple[float, int]]] = {}
         self._down_until = 0.0  # after a failed read, recent values answer without trying the chain again
 
     async def _cached(
@@ -56,15 +65,21 @@ class ChainLedger:
     ) -> T:
         """`read()` at most every `ttl` seconds per key. While the chain is unreachable, the last value read
         under `key` (or, for time-keyed reads, under its `family`) within `max_stale` seconds stands in."""
+        return (await self._cached_entry(key, read, family))[1]
+
+    async def _cached_entry(
+        self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]], family: tuple[Any, ...] | None = None
+    ) -> tuple[float, T]:
+        """`_cached`, with the time the answer's read began."""
         now = self.clock()
         hit = self._used(key)
         if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
+            return hit
         last = hit if hit is not None else self._used(family) if family is not None else None
         usable = last is not None and now - last[0] < self.max_stale
         if usable and now < self._down_until:  # the chain failed a moment ago: don't wait on it again
             self.stale_reads += 1
-            return last[1]  # type: ignore[index]
+            return last  # type: ignore[return-value]
         try:
             value = await read()
         except ContractRevert:
@@ -73,14 +88,14 @@ class ChainLedger:
             self._down_until = self.clock() + self.ttl
             if usable:
                 self.stale_reads += 1
-                return last[1]  # type: ignore[index]
+                return last  # type: ignore[return-value]
             if isinstance(exc, ChainError):
                 raise
             raise ChainError(f"cannot read the chain: {type(exc).__name__}") from exc
         self._store(key, (now, value))
         if family is not None:
             self._store(family, (now, value))
-        return value
+        return now, value
 
     def _used(self, key: tuple[Any, ...]) -> tuple[float, Any] | None:
         """The entry under `key`, now the most recently used; None if there is none."""
@@ -105,11 +120,30 @@ class ChainLedger:
         return await self._cached(("signer", payer, signer), read)
 
     async def escrow_available(self, payer: str, node: str) -> int:
+        """The account's balance minus what is thawing, less what this node's commits took since it was read."""
+
         async def read() -> int:
             balance, thawing, _ = await self.contracts.escrow._call("accountOf", payer, node)
             return max(balance - thawing, 0)
 
-        return await self._cached(("escrow", payer, node), read)
+        read_at, available = await self._cached_entry(("escrow", payer, node), read)
+        taken = sum(amount for at, amount in self._collected.get(_account(payer, node), ()) if at >= read_at)
+        return max(available - taken, 0)
+
+    def collected(self, node: str, charges: Mapping[str, int]) -> None:
+        """A commit of `node`'s, mined, took `charges` (payer -> wei) from the payers' accounts with it: an
+        account value read before now is lowered by them. Call it before the journal stops counting those
+        charges as uncommitted (module docstring)."""
+        now = self.clock()
+        for payer, amount in charges.items():
+            self._collected.setdefault(_account(payer, node), []).append((now, amount))
+        # A report older than `max_stale` predates every value that can still be used: forget it.
+        for account in [a for a, taken in self._collected.items() if now - taken[0][0] >= self.max_stale + self.ttl]:
+            kept = [(at, amount) for at, amount in self._collected[account] if now - at < self.max_stale + self.ttl]
+            if kept:
+                self._collected[account] = kept
+            else:
+                del self._collected[account]
 
     async def adapter_id(self, cid: str) -> int:
         async def read() -> int:
@@ -173,3 +207,7 @@ class ChainLedger:
             ("terms", adapter_id, at), version, family=("terms", adapter_id)
         )
         return Terms(number, price_in, price_out, fee_per_token)
+
+
+def _account(payer: str, node: str) -> tuple[str, str]:
+    return payer.lower(), node.lower()

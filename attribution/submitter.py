@@ -43,7 +43,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,11 @@ class Submitter:
         margin: int = 60,
         status_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
+        on_collected: Callable[[Mapping[str, int]], None] | None = None,
     ) -> None:
+        """`on_collected(charges)` (payer -> wei) hears of each commit mined, before the journal marks its
+        records COMMITTED: the node's cached escrow balances must stop showing what it took
+        (`attribution.ledger.ChainLedger.collected`)."""
         self.journal = journal
         self.contracts = contracts
         self.chain = contracts.settlement.chain
@@ -112,6 +116,7 @@ class Submitter:
         self.margin = margin
         self.domain = Domain(self.chain.chain_id, contracts.settlement.address)
         self.clock = clock
+        self.on_collected = on_collected
         self.stats = SubmitterStats()
         self._last_number = 0
         self._wake = asyncio.Event()
@@ -261,11 +266,21 @@ class Submitter:
         )
         receipt = await self.chain.confirm(receipt, self.confirmations)  # mined again elsewhere: its batch id may change
         batch_id = settlement.events(receipt, "BatchCommitted")[0]["batchId"]
-        await self.journal.transition_batch(number, State.COMMITTED)
+        await self._mark_committed(number, entries)
         self._committed(number, batch_id, batch.payer_tree.root.hash)
         self.stats.committed += 1
         self.stats.last_commit_at = self.clock()
         log.info("submitter: batch %d committed (%d records, %d wei, %s)", batch_id, batch.count, batch.charge, cid)
+
+    async def _mark_committed(self, number: int, entries: list[Entry]) -> None:
+        """BATCHED -> COMMITTED, once `on_collected` has heard what the commit took from each payer."""
+        if self.on_collected is not None:
+            charges: dict[str, int] = {}
+            for entry in entries:
+                payer = entry.usage.request.payer
+                charges[payer] = charges.get(payer, 0) + entry.usage.record.charge
+            self.on_collected(charges)
+        await self.journal.transition_batch(number, State.COMMITTED)
 
     def _committed(self, number: int, batch_id: int, root: bytes) -> None:
         self.stats.ids[number] = batch_id
@@ -332,7 +347,7 @@ class Submitter:
             batch_id = await locator.locate(number, txs, root, since=max(e.recorded_at for e in entries))
             if batch_id is not None:
                 if entries[0].state is State.BATCHED:
-                    await self.journal.transition_batch(number, State.COMMITTED)
+                    await self._mark_committed(number, entries)
                 elif self.stats.ids.get(number, batch_id) != batch_id:
                     log.warning("submitter: batch %d was mined again as chain batch %d", number, batch_id)
                 self._committed(number, batch_id, root)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -196,11 +197,12 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
         commit_delay = await settlement._call("maxCommitDelay")
         journal = SqliteJournal(settings.journal_file)
         try:
+            ledger = ChainLedger(contracts)
             accountant = Accountant(
                 domain=Domain(chain.chain_id, settlement.address),
                 node=settings.node_address or address_of(key),
                 key=key,
-                ledger=ChainLedger(contracts),
+                ledger=ledger,
                 journal=journal,
                 max_request_ttl=max_ttl,
                 commit_margin=max_ttl + commit_delay,
@@ -219,6 +221,7 @@ async def open_accounting(settings: Settings) -> AsyncIterator[Accountant]:
                 max_commit_delay=commit_delay,
                 challenge_window=await settlement._call("challengeWindow"),
                 confirmations=settings.confirmations,
+                on_collected=functools.partial(ledger.collected, accountant.node),
             )
             accountant.on_record = submitter.notify
             accountant.submitter = submitter
