@@ -193,7 +193,7 @@ class Batch:
 
     def commitment(self, cid: str, commit_by: int = 2**64 - 1) -> tuple[Any, ...]:
         """`UsageSettlement.Commitment` tuple. The commit reverts if mined after `commit_by` (chain time): a
-        node sets it to the earliest `deadline + maxCommitDelay` among the records (`Batch.commit_by`)."""
+        node sets it to the earliest `deadline + maxCommitDelay` among the records (`Submitter._commit`)."""
         return (
             self.payer_tree.root.hash,
             self.payer_tree.root.sum,

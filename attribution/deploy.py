@@ -27,6 +27,7 @@ from attribution.chain import (
 from attribution.errors import DeploymentError
 
 DAY = 86_400
+NAME_COMMIT_LIFETIME = DAY  # AdapterRegistry.NAME_COMMIT_LIFETIME
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class DeployConfig:
             raise DeploymentError("slash_bps must be within 1..10000")
         if min(self.max_request_ttl, self.min_stake, self.min_slash) < 0:
             raise DeploymentError("durations and amounts must not be negative")
+        if not 0 <= self.name_commit_delay < NAME_COMMIT_LIFETIME:  # else a commitment expires before it ripens
+            raise DeploymentError(f"name_commit_delay must be within 0..{NAME_COMMIT_LIFETIME - 1}")
         if self.treasury is not None and int(self.treasury, 16) == 0:
             raise DeploymentError("treasury must not be the zero address")
 

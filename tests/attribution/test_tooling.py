@@ -13,7 +13,7 @@ import pytest
 
 from attribution.chain import Chain
 from attribution.cli import main, register_cli
-from attribution.deploy import DeployConfig, Deployments, create_address, deploy_all
+from attribution.deploy import NAME_COMMIT_LIFETIME, DeployConfig, Deployments, create_address, deploy_all
 from attribution.devchain import Anvil
 from attribution.errors import DeploymentError
 
@@ -75,6 +75,9 @@ def test_deploy_config_validation() -> None:
         DeployConfig(slash_bps=10_001).validate()
     with pytest.raises(DeploymentError):
         Deployments.load("/nonexistent/deployments.json")
+    DeployConfig(name_commit_delay=NAME_COMMIT_LIFETIME - 1).validate()  # a commitment ripens its last second
+    with pytest.raises(DeploymentError, match="name_commit_delay"):
+        DeployConfig(name_commit_delay=NAME_COMMIT_LIFETIME).validate()  # no commitment could ever be revealed
 
 
 async def test_devchain_async_start_stop(tmp_path: Path) -> None:
