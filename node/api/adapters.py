@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from node.api.errors import unknown_model
-from node.api.keys import ADAPTERS, LOOKUPS
+from node.api.keys import ADAPTERS, LOOKUPS, PAYER_LOOKUPS
+from node.api.lookups import LookupLimiter
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,22 @@ async def resolve_adapter(app: web.Application, name: str) -> ResolvedAdapter:
     return ResolvedAdapter(key, key if source.content_addressed else None)
 
 
-async def admit_lookup(app: web.Application, name: str) -> None:
-    """A public lookup of `name` (GET /v1/models/<name>, a free generation request) draws from the node's
-    lookup bucket (429 when empty, `node/api/lookups.py`), unless a source on this machine has the name or
-    the name was answered lately and its adapter is still in host memory."""
+async def admit_lookup(app: web.Application, name: str, payer: str | None = None) -> None:
+    """A lookup of `name` draws from a lookup bucket (429 when empty, `node/api/lookups.py`): the node's for a
+    public one (GET /v1/models/<name>, a free generation request), the payer's for a signed request; unless a
+    source on this machine has the name, or the name was answered lately (in that bucket) and its adapter is
+    still in host memory."""
     adapters = app.get(ADAPTERS)
     if adapters is None:
         return  # no source: every name is unknown (404), and costs nothing to say so
     if not await adapters.known_locally(name):
-        app[LOOKUPS].admit(name, adapters.resident)
+        _limiter(app, payer).admit(name, adapters.resident)
 
 
-def answered(app: web.Application, name: str, adapter: ResolvedAdapter) -> None:
+def answered(app: web.Application, name: str, adapter: ResolvedAdapter, payer: str | None = None) -> None:
     """`name` was answered as `adapter`: see `admit_lookup`."""
-    app[LOOKUPS].answered(name, adapter.key)
+    _limiter(app, payer).answered(name, adapter.key)
+
+
+def _limiter(app: web.Application, payer: str | None) -> LookupLimiter:
+    return app[LOOKUPS] if payer is None else app[PAYER_LOOKUPS].of(payer)

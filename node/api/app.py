@@ -16,8 +16,19 @@ from node.api.accounting import attribution_info, model_terms, open_accounting, 
 from node.api.adapters import admit_lookup, answered, resolve_adapter
 from node.api.errors import error_middleware
 from node.api.generation import chat_completions, completions
-from node.api.keys import ACCOUNTANT, ADAPTERS, ENGINE, LOCAL_IPFS, LOOKUPS, METRICS, OPENAPI, SETTINGS, STARTED_AT
-from node.api.lookups import LookupLimiter
+from node.api.keys import (
+    ACCOUNTANT,
+    ADAPTERS,
+    ENGINE,
+    LOCAL_IPFS,
+    LOOKUPS,
+    METRICS,
+    OPENAPI,
+    PAYER_LOOKUPS,
+    SETTINGS,
+    STARTED_AT,
+)
+from node.api.lookups import LookupLimiter, PayerLookups
 from node.api.metrics import Metrics, metrics_middleware
 from node.api.openapi import build_openapi
 from node.api.schemas import Health, ModelCard, ModelList
@@ -39,6 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[OPENAPI] = build_openapi()
     app[LOOKUPS] = LookupLimiter(settings.model_lookups_per_s)
+    app[PAYER_LOOKUPS] = PayerLookups(settings.model_lookups_per_s)
     app.cleanup_ctx.append(_local_ipfs)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_adapters)

@@ -274,12 +274,14 @@ async def _complete(
     prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prompt_of, engine.tokenizer)
     max_tokens = _max_tokens(request, *limit, prompt_ids, prompt_param)
     admitted = await accounting.precheck(request, signed, raw, len(prompt_ids))  # before the name: see below
-    free_lookup = adapter is not None and admitted is None  # served free: as public as GET /v1/models/<name>
-    if free_lookup:
-        await admit_lookup(request.app, adapter)
+    # A free request is as public as GET /v1/models/<name> (the node's lookup bucket); a signed one draws from
+    # its payer's bucket: one wei of escrow passes the precheck, and must not buy endless registry reads.
+    payer = None if admitted is None else admitted.request.payer
+    if adapter is not None:
+        await admit_lookup(request.app, adapter, payer)
     resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
-    if free_lookup and resolved is not None:  # free again only while its adapter stays in host memory
-        answered(request.app, adapter, resolved)
+    if resolved is not None:  # free again only while its adapter stays in host memory
+        answered(request.app, adapter, resolved, payer)
     grant = await accounting.authorise(
         request, admitted, req.model, resolved.cid if resolved else None, adapter is not None
     )

@@ -14,6 +14,12 @@ adapter go through the same bucket (`node/api/generation.py`): they resolve and 
 An empty bucket answers 429 `rate_limit_exceeded` with `Retry-After`. The bucket is global, not per client
 address, because what it protects (RPC quota, bandwidth, CPU) is the node's whatever the caller's address,
 and addresses are cheap to change.
+
+Signed requests pass the signature and escrow checks before their name is resolved, but a payer with one wei
+of escrow here passes them too (`maxCharge` 1), and could then name fresh registry names without end, each
+refused only after a registry read. Each payer therefore has a bucket of its own (`PayerLookups`, the same
+rate): a payer is an escrow account with this node, which takes a deposit to make, and one payer's flood
+neither spends another payer's lookups nor the public bucket.
 """
 
 from __future__ import annotations
@@ -78,3 +84,22 @@ class LookupLimiter:
         self._answered.move_to_end(name)
         while len(self._answered) > self.max_names:
             self._answered.popitem(last=False)
+
+
+class PayerLookups:
+    """One `LookupLimiter` per payer (signed requests), the `max_payers` most recently active kept."""
+
+    def __init__(self, rate: float, *, max_payers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.max_payers = max_payers
+        self.clock = clock
+        self._limiters: OrderedDict[str, LookupLimiter] = OrderedDict()
+
+    def of(self, payer: str) -> LookupLimiter:
+        limiter = self._limiters.get(payer)
+        if limiter is None:
+            limiter = self._limiters[payer] = LookupLimiter(self.rate, max_names=256, clock=self.clock)
+        self._limiters.move_to_end(payer)
+        while len(self._limiters) > self.max_payers:
+            self._limiters.popitem(last=False)
+        return limiter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.api.lookups import LookupLimiter, RateLimitedError
+from node.api.lookups import LookupLimiter, PayerLookups, RateLimitedError
 
 
 def anything(key: str) -> bool:
@@ -92,3 +92,17 @@ def test_a_name_whose_adapter_left_host_memory_draws_again() -> None:
     limiter.admit("b", held.__contains__)
     with pytest.raises(RateLimitedError):
         limiter.admit("a", held.__contains__)
+
+
+def test_each_payer_has_a_bucket_and_the_most_recent_are_kept() -> None:
+    clock = Clock()
+    payers = PayerLookups(0.25, max_payers=2, clock=clock)  # burst 1 each
+    payers.of("0xA").admit("n", anything)
+    with pytest.raises(RateLimitedError):
+        payers.of("0xA").admit("m", anything)
+    payers.of("0xB").admit("m", anything)  # another payer: its own bucket
+    assert payers.of("0xA") is payers.of("0xA")
+    payers.of("0xC")  # three payers, room for two: B, the least recently active, is dropped
+    with pytest.raises(RateLimitedError):
+        payers.of("0xA").admit("m", anything)  # A was kept, still empty
+    payers.of("0xB").admit("m", anything)  # B starts again with a full bucket

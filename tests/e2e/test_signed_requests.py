@@ -256,6 +256,36 @@ async def test_signed_garbage_resolves_no_name(net: LocalNetwork) -> None:
         assert registry_reads(calls) != []
 
 
+async def test_each_payer_has_its_own_lookup_bucket(net: LocalNetwork) -> None:
+    """One wei of escrow passes the precheck (maxCharge 1); such a payer naming fresh names without end is held
+    to its own bucket (5/s, burst 20 on this node): 404s, then 429 with Retry-After. The funded payer and the
+    public (unsigned) bucket are untouched by it."""
+    accountant = net.app[ACCOUNTANT]
+    deployer, flooder = Account.from_key(net.anvil.private_keys[0]), Account.from_key(net.anvil.private_keys[8])
+    chain = await Chain.connect(net.anvil.rpc_url)
+    try:
+        c = Contracts.attach(chain, Deployments.load(net.provisioned.deployments))
+        await c.token.mint(deployer, flooder.address, 1)
+        await c.token.approve(flooder, c.escrow.address, 1)
+        await c.escrow.deposit(flooder, accountant.node, 1)
+    finally:
+        await chain.close()
+    statuses = []
+    for i in range(30):
+        payload = body(net, model=f"fresh-{i}-{time.time_ns()}")
+        payload, headers = await signed(net, payload, key=flooder.key, payer=flooder.address, max_charge=1)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{net.url}/v1/chat/completions", json=payload, headers=headers) as response:
+                statuses.append((response.status, (await response.json())["error"]["code"]))
+                retry_after = response.headers.get("Retry-After")
+        if statuses[-1][0] == 429:
+            break
+    assert statuses[-1] == (429, "rate_limit_exceeded") and int(retry_after) >= 1, statuses
+    assert set(statuses[:-1]) == {(404, "model_not_found")} and len(statuses) >= 20, statuses
+    payload, headers = await signed(net, body(net, model=f"fresh-{time.time_ns()}"))  # the funded payer
+    assert (await post(net, payload, headers))[1]["error"]["code"] == "model_not_found"
+
+
 async def test_replay_refused_also_after_a_restart(net: LocalNetwork) -> None:
     payload, headers = await signed(net, body(net))
     assert (await post(net, payload, headers))[0] == 200
