@@ -156,7 +156,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await engine.stop()
+        await engine.close()  # not just stop: the app object may outlive its cleanup (AsyncEngine.close)
 
 
 def _adapter_stats(app: web.Application) -> dict:

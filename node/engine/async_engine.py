@@ -91,6 +91,14 @@ class AsyncEngine:
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
 
+    async def close(self) -> None:
+        """Stops for good and lets go of the model and the KV cache, so that their memory
+        is freed even while something still holds this engine: aiohttp keeps its last 1,024 apps referenced
+        (a middleware cache) and an app holds its engine, so without this every app a process made kept its
+        model (1 GB each with SmolLM2). `healthy` stays False; nothing else may be called after it."""
+        await self.stop()
+        self.runner.release()
+
     def lora_stats(self) -> dict[str, int]:
         """Adapters in device slots now, and device loads since start (for /metrics)."""
         pool = self.runner.lora_pool

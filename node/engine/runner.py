@@ -94,6 +94,14 @@ class EngineRunner:
             self._thread.join()
         self._abort_everything()
 
+    def release(self) -> None:
+        """After `stop`, for good: drops the model and the KV cache (and the scheduler over it), the bulk of
+        the memory, so it can be freed while this runner is still referenced; the adapter slot pool stays
+        (readable counters, a few tens of MB). It cannot start again."""
+        self.model = self.kv = self.scheduler = None  # type: ignore[assignment]
+        self._seqs.clear()
+        self._digest_roots.clear()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -99,6 +99,10 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def close(self) -> None:
+        """Stops for good and releases what it holds (the app calls it at cleanup)."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The request's outputs as they come; the last one has a finish reason."""
         ...

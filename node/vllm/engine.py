@@ -127,6 +127,10 @@ class VllmEngine:
         if self.server is not None:
             self._tasks.append(asyncio.create_task(self.server.supervise(), name="vllm-supervisor"))
 
+    async def close(self) -> None:
+        """The same as `stop`: the model lives in vLLM's own process."""
+        await self.stop()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -119,3 +119,26 @@ async def test_openapi_document(http: aiohttp.ClientSession, node: Node):
     assert all_refs
     for ref in all_refs:
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+
+
+async def test_a_cleaned_up_app_lets_go_of_its_model(tiny_model_dir):
+    """aiohttp keeps its last 1,024 apps referenced (a middleware cache keyed by the app), and an app holds its
+    engine: a process that made apps one after another (tests, benchmarks) kept every model until the engine
+    let go of it at cleanup. After cleanup nothing holds the model or its KV cache, while the app lives on."""
+    import gc
+    import weakref
+
+    from tests.api.conftest import serve_node
+
+    async with serve_node(tiny_model_dir) as n:
+        async with aiohttp.ClientSession(base_url=n.url) as http:  # a request: the app enters aiohttp's cache
+            async with http.post(
+                CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            ) as r:
+                assert r.status == 200
+        app = weakref.ref(n.app)
+        model, kv = weakref.ref(n.engine.runner.model), weakref.ref(n.engine.runner.kv)
+    del n
+    gc.collect()
+    assert app() is not None  # still referenced (by aiohttp's cache)...
+    assert model() is None and kv() is None  # ...but not its model or KV cache
