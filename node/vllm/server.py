@@ -73,10 +73,18 @@ class VllmServer:
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
+        self._ready = False
+
+    @property
+    def running(self) -> bool:
+        """The process is alive (it may still be starting)."""
+        return self._proc is not None and self._proc.returncode is None
 
     @property
     def up(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        """Running and ready: `start` has returned for this process. A restarted server is up only once its
+        restart is complete (and counted in `restarts`), not as soon as its process answers."""
+        return self._ready and self.running
 
     @property
     def pid(self) -> int | None:
@@ -90,6 +98,7 @@ class VllmServer:
 
     async def start(self) -> None:
         """Start the process and wait for its /health; raises VllmStartError (process stopped)."""
+        self._ready = False
         env = {
             **os.environ,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -109,12 +118,13 @@ class VllmServer:
         except BaseException:
             await self.stop()
             raise
+        self._ready = True
 
     async def _wait_ready(self) -> None:
         started = time.monotonic()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while True:
-                if not self.up:
+                if not self.running:
                     raise VllmStartError(
                         f"vLLM's server exited with status {self._proc.returncode} while starting; "
                         f"the end of {self.log_file}:\n{log_tail(self.log_file)}"
