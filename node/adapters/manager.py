@@ -46,7 +46,7 @@ class AdapterState(enum.StrEnum):
 class _Entry:
     name: str
     source: AdapterSource
-    state: AdapterState = AdapterState.VERIFIED
+    state: AdapterState = AdapterState.FETCHING  # from its creation: its load task starts a loop turn later
     adapter: LoraAdapter | None = None
     refs: int = 0
     loading: asyncio.Future | None = None

@@ -207,3 +207,36 @@ async def test_a_local_directory_named_like_a_cid_never_stands_in_for_that_cid(
     assert served.cid == cids["a0"] and served.weights.keys() == reference.weights.keys()
     assert all(torch.equal(served.weights[k][0], reference.weights[k][0]) for k in reference.weights)
     manager.release(served)
+
+
+async def test_an_adapter_reads_fetching_from_the_moment_it_is_asked_for(adapters_root, base):
+    """Its entry exists from `acquire` on, its load task runs a loop turn later: meanwhile it must not read
+    VERIFIED (files on local disk), which it has not been; it is being fetched."""
+
+    class Held(LocalAdapterSource):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.go = asyncio.Event()
+
+        async def fetch(self, key: str) -> Path:
+            await self.go.wait()
+            return await super().fetch(key)
+
+    source = Held(adapters_root)
+    manager = AdapterManager([source], base, max_rank=8)
+    seen = []
+
+    async def watch() -> None:
+        while not seen or seen[-1] is not AdapterState.LOADED:
+            seen.append(await manager.state("a0"))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    acquiring = asyncio.create_task(manager.acquire("a0"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    source.go.set()
+    manager.release(await acquiring)
+    await watcher
+    states = [s for s in seen if s is not None]
+    assert states[0] is AdapterState.FETCHING, seen  # it read VERIFIED first: the entry's default
