@@ -30,21 +30,17 @@ async def resolve_adapter(app: web.Application, name: str) -> ResolvedAdapter:
     return ResolvedAdapter(key, key if source.content_addressed else None)
 
 
-async def admit_lookup(app: web.Application, name: str, payer: str | None = None) -> None:
-    """A lookup of `name` draws from a lookup bucket (429 when empty, `node/api/lookups.py`): the node's for a
-    public one (GET /v1/models/<name>, a free generation request), the payer's for a signed request; unless a
-    source on this machine has the name, or the name was answered lately (in that bucket) and its adapter is
-    still in host memory."""
+async def resolve_limited(app: web.Application, name: str, payer: str | None = None) -> ResolvedAdapter:
+    """`resolve_adapter`, drawing first from a lookup bucket (429 when empty, `node/api/lookups.py`): the
+    node's for a public lookup (GET /v1/models/<name>, a free generation request), the payer's for a signed
+    request; nothing when a source on this machine has the name, or the name was answered lately (in that
+    bucket) and its adapter is still in host memory."""
     adapters = app.get(ADAPTERS)
-    if adapters is None:
-        return  # no source: every name is unknown (404), and costs nothing to say so
-    if not await adapters.known_locally(name):
+    if adapters is not None and not await adapters.known_locally(name):  # no source: 404, costing nothing
         _limiter(app, payer).admit(name, adapters.resident)
-
-
-def answered(app: web.Application, name: str, adapter: ResolvedAdapter, payer: str | None = None) -> None:
-    """`name` was answered as `adapter`: see `admit_lookup`."""
-    _limiter(app, payer).answered(name, adapter.key)
+    resolved = await resolve_adapter(app, name)
+    _limiter(app, payer).answered(name, resolved.key)  # free again only while its adapter stays in host memory
+    return resolved
 
 
 def _limiter(app: web.Application, payer: str | None) -> LookupLimiter:

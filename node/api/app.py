@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.adapters.factory import adapter_manager
 from node.api.accounting import attribution_info, model_terms, open_accounting, payer_info, sample_metrics
-from node.api.adapters import admit_lookup, answered, resolve_adapter
+from node.api.adapters import resolve_limited
 from node.api.errors import error_middleware
 from node.api.generation import chat_completions, completions
 from node.api.keys import (
@@ -202,11 +202,9 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     engine = request.app[ENGINE]
     if name != engine.model_name:
-        await admit_lookup(request.app, name)
-        resolved = await resolve_adapter(request.app, name)
+        resolved = await resolve_limited(request.app, name)
         adapters = request.app[ADAPTERS]
         adapters.release(await adapters.acquire(resolved.key))
-        answered(request.app, name, resolved)
     return web.json_response(text=(await _card(request.app, name)).model_dump_json(exclude_none=True))
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from attribution.wire import RECEIPT_EVENT_OBJECT, RECEIPT_FIELD
 from node.api import accounting
-from node.api.adapters import admit_lookup, answered, resolve_adapter
+from node.api.adapters import resolve_limited
 from node.api.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -277,11 +277,7 @@ async def _complete(
     # A free request is as public as GET /v1/models/<name> (the node's lookup bucket); a signed one draws from
     # its payer's bucket: one wei of escrow passes the precheck, and must not buy endless registry reads.
     payer = None if admitted is None else admitted.request.payer
-    if adapter is not None:
-        await admit_lookup(request.app, adapter, payer)
-    resolved = None if adapter is None else await resolve_adapter(request.app, adapter)
-    if resolved is not None:  # free again only while its adapter stays in host memory
-        answered(request.app, adapter, resolved, payer)
+    resolved = None if adapter is None else await resolve_limited(request.app, adapter, payer)
     grant = await accounting.authorise(
         request, admitted, req.model, resolved.cid if resolved else None, adapter is not None
     )
